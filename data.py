@@ -1,0 +1,374 @@
+"""The one data loader, and the small run plumbing every script shares.
+
+Data: ImageNet-style folders (PATH/train/CLASS/*.JPEG) or a flat / nested folder of unlabelled images,
+a built-in demo dataset (no download), the papers' augmentations, SimMIM's and MAE's masks, keypoint
+maps, and a distributed loader whose every sample is a pure function of (seed, epoch, index), so a
+killed run resumes mid-epoch on exactly the same batches.
+Plumbing: torchrun setup, the cosine schedule, atomic checkpoints with auto-resume, a JSON-lines log.
+"""
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+import warnings
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torchvision import transforms as T
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+warnings.filterwarnings("ignore", message="(Possibly )?corrupt EXIF data", category=UserWarning)
+warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
+
+
+# ---- datasets: each returns (PIL RGB image, label) ----
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images under `root`: class sub-folders give labels (ImageNet layout, nested files found too);
+    a folder of images without sub-folders is one unlabelled class (label 0), for pretraining.
+    An unreadable file (truncated, not an image) is skipped with a warning and counted: the next file
+    stands in for it, so a multi-day run survives a bad copy."""
+    def __init__(self, root, labelled=False):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"data folder {root} does not exist")
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        if labelled and not self.classes:
+            raise ValueError(f"{root} holds no class folders; ImageNet's val split often comes flat: sort it "
+                             "into class folders first (e.g. with the widely used valprep.sh)")
+        dirs = [(os.path.join(root, c), i) for i, c in enumerate(self.classes)] or [(root, 0)]
+        self.samples = [(os.path.join(d, f), label) for top, label in dirs for d, _, files in sorted(os.walk(top))
+                        for f in sorted(files) if f.lower().endswith(IMG_EXTS)]
+        if not self.samples:
+            raise ValueError(f"no images ({', '.join(IMG_EXTS)}) found under {root}")
+        self.skipped = 0
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        for j in range(i, i + 100):
+            path, label = self.samples[j % len(self.samples)]
+            try:
+                with Image.open(path) as im:
+                    return im.convert("RGB"), label  # CMYK, grayscale and PNG-named-.JPEG all become RGB
+            except Exception as e:  # truncated or not an image at all
+                self.skipped += 1
+                print(f"warning: skipping unreadable image {path} ({e}); {self.skipped} skipped in this worker",
+                      file=sys.stderr)
+        raise RuntimeError(f"100 unreadable images in a row from {path}: is the data folder right?")
+
+
+class DemoShapes(torch.utils.data.Dataset):
+    """The built-in demo dataset: procedurally drawn 128 x 128 images of 6 classes (discs, boxes,
+    triangles, stripes, checkers, crosses), a random colour, size and place for each shape over a
+    noisy textured background. Image i is a pure function of (split, i): no download, no files.
+    A smoke test with corners for FAST and classes a probe can separate, not a benchmark."""
+    classes = ["discs", "boxes", "triangles", "stripes", "checkers", "crosses"]
+
+    def __init__(self, split="train", size=None, img_size=128):
+        self.split, self.img_size = split, img_size
+        self.n = size or (1536 if split == "train" else 384)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        label = i % len(self.classes)
+        rng = np.random.default_rng([i, 0 if self.split == "train" else 1])
+        s = self.img_size
+        bg = rng.integers(0, 256, 3)
+        img = np.clip(bg + cv2.GaussianBlur(rng.normal(0, 24, (s, s, 3)), (0, 0), 1.5), 0, 255).astype(np.uint8)
+        for _ in range(rng.integers(2, 5)):
+            col = tuple(int(c) for c in rng.integers(0, 256, 3))
+            cx, cy, r = int(rng.integers(s // 4, 3 * s // 4)), int(rng.integers(s // 4, 3 * s // 4)), int(rng.integers(s // 10, s // 4))
+            if label == 0:
+                cv2.circle(img, (cx, cy), r, col, -1)
+            elif label == 1:
+                cv2.rectangle(img, (cx - r, cy - r // 2), (cx + r, cy + r // 2), col, -1)
+            elif label == 2:
+                cv2.fillPoly(img, [np.array([[cx, cy - r], [cx - r, cy + r], [cx + r, cy + r]], np.int32)], col)
+            elif label == 3:
+                for k in range(-3, 4):
+                    cv2.line(img, (0, cy + 6 * k), (s, cy + 6 * k + r), col, 2)
+            elif label == 4:
+                for a in range(4):
+                    for b in range(4):
+                        if (a + b) % 2:
+                            x0, y0 = cx - r + a * r // 2, cy - r + b * r // 2
+                            cv2.rectangle(img, (x0, y0), (x0 + r // 2, y0 + r // 2), col, -1)
+            else:
+                cv2.rectangle(img, (cx - r, cy - r // 4), (cx + r, cy + r // 4), col, -1)
+                cv2.rectangle(img, (cx - r // 4, cy - r), (cx + r // 4, cy + r), col, -1)
+        return Image.fromarray(img), label
+
+
+def dataset(data, split, labelled=False):
+    """`--data PATH` -> PATH/split (or PATH itself when it has no such sub-folder); None -> the demo."""
+    if data is None:
+        return DemoShapes(split)
+    if not os.path.isdir(data):
+        raise FileNotFoundError(f"--data {data} does not exist")
+    root = os.path.join(data, split) if os.path.isdir(os.path.join(data, split)) else data
+    return ImageFiles(root, labelled)
+
+
+# ---- augmentations (PIL in; what each returns is said) ----
+
+def normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """PIL or uint8 HxWxC array -> float tensor (C, H, W), [0, 1] then mean / std."""
+    return T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+
+
+def kamim_crop(img_size=192):
+    """KAMIM / SimMIM (§4.1): random resized crop, scale (0.67, 1), ratio (3/4, 4/3), then vertical and
+    horizontal flips, p 0.5 each. Returns PIL: keypoints are found on this uint8 crop, then normalize()."""
+    return T.Compose([T.RandomResizedCrop(img_size, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3)),
+                      T.RandomVerticalFlip(), T.RandomHorizontalFlip()])
+
+
+def mae_transform(img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """MAE pretraining: random resized crop scale (0.2, 1), bicubic, horizontal flip -> normalised tensor."""
+    return T.Compose([T.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), normalize(mean, std)])
+
+
+def simple_resized_crop(img_size=224):
+    """LUT's SRC (Table 4f, from DeiT III): shorter side to img_size (bicubic), random crop with 4 px
+    reflect padding, horizontal flip. Returns PIL."""
+    return T.Compose([T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomCrop(img_size, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip()])
+
+
+class RandomBlur:
+    """PIL Gaussian blur with radius ~ U(0.1, 2) (DeiT III's three-augment)."""
+    def __call__(self, img):
+        from PIL import ImageFilter
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+
+
+def three_augment():
+    """LUT's context view on top of SRC: colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, then exactly one
+    of grayscale / solarize (threshold 128) / Gaussian blur. PIL in, PIL out."""
+    return T.Compose([T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                      T.RandomChoice([T.Grayscale(3), T.RandomSolarize(128, p=1.0), RandomBlur()])])
+
+
+def crop_flip(img_size=224, scale=(0.08, 1.0)):
+    """Random resized crop (bicubic) + horizontal flip -> normalised tensor: the linear probe's training
+    transform (MAE, scale (0.08, 1)) and SemanticMIM's pretraining one (scale (0.5, 1), App. E)."""
+    return T.Compose([T.RandomResizedCrop(img_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), normalize()])
+
+
+def center_crop(img_size=224):
+    """Evaluation: resize to img_size * 256 / 224 (bicubic), centre crop img_size -> normalised tensor."""
+    return T.Compose([T.Resize(int(img_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(img_size), normalize()])
+
+
+# ---- masks ----
+
+def simmim_mask(img_size=192, mask_patch=32, model_patch=16, ratio=0.6):
+    """SimMIM: mask ceil(ratio * cells) of the (img/mask_patch)^2 cells at random (22 of 36 at the
+    defaults), expanded to the model's patch grid. Returns (H, W) uint8, 1 = masked."""
+    if img_size % mask_patch or mask_patch % model_patch:
+        raise ValueError(f"mask patch {mask_patch} must divide the image size {img_size} and be a multiple "
+                         f"of the model's patch {model_patch}")
+    g = img_size // mask_patch
+    mask = torch.zeros(g * g, dtype=torch.uint8)
+    mask[torch.randperm(g * g)[:math.ceil(ratio * g * g)]] = 1
+    k = mask_patch // model_patch
+    return mask.view(g, g).repeat_interleave(k, 0).repeat_interleave(k, 1)
+
+
+def random_masking(B, N, ratio, device=None):
+    """MAE: per sample, mask floor(ratio * N) patches chosen by argsort of uniform noise.
+    Returns ids_keep (B, N_keep), ids_restore (B, N) and mask (B, N) with 1 = removed, 0 = kept,
+    in the original patch order."""
+    n_keep = N - int(ratio * N)
+    ids_shuffle = torch.rand(B, N, device=device).argsort(dim=1)  # ascending: the first n_keep are kept
+    ids_restore = ids_shuffle.argsort(dim=1)
+    mask = (ids_restore >= n_keep).to(torch.float32)
+    return ids_shuffle[:, :n_keep], ids_restore, mask
+
+
+# ---- keypoints (KAMIM §3.2) ----
+
+DETECTORS = {"fast": cv2.FastFeatureDetector_create, "orb": cv2.ORB_create, "sift": cv2.SIFT_create}
+
+
+def keypoint_map(img, detector="fast"):
+    """(H, W, 3) uint8 crop -> (H, W) uint8 map, 1 at each keypoint's (rounded) pixel (the paper's F).
+    OpenCV defaults (FAST: threshold 10, non-max suppression). The RGB array is passed as is (OpenCV reads
+    it as BGR for the grey conversion) to match the released keypoints exactly."""
+    img = np.ascontiguousarray(img)
+    F = np.zeros(img.shape[:2], np.uint8)
+    for kp in DETECTORS[detector]().detect(img, None):
+        x, y = min(int(round(kp.pt[0])), F.shape[1] - 1), min(int(round(kp.pt[1])), F.shape[0] - 1)
+        F[y, x] = 1
+    return F
+
+
+# ---- loading ----
+
+class Seeded(torch.utils.data.Dataset):
+    """Applies `transform` (PIL -> anything) to `base` samples with the RNGs seeded from (seed, epoch, i):
+    the same sample is the same tensor whatever the worker count or resume point."""
+    def __init__(self, base, transform, seed=0):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        s = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + i
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG alone (num_workers=0)
+            torch.manual_seed(s)
+            random.seed(s)
+            img, label = self.base[i]
+            out = self.transform(img), label
+        random.setstate(py_state)
+        return out
+
+
+class Sampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (one replica without torchrun) that can start mid-epoch: `skip` samples of
+    this rank's share are dropped, so a resumed run continues at the batch where it stopped."""
+    skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+def worker_init(_):
+    cv2.setNumThreads(0)  # OpenCV threads inside DataLoader workers oversubscribe or deadlock (pytorch#1355)
+
+
+def loader(ds, batch_size, train=True, workers=8, seed=0):
+    """Rank-sharded DataLoader over a Seeded dataset; drop_last and shuffling for training. Call
+    set_epoch(loader, epoch, skip_batches) before iterating each epoch."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    sampler = Sampler(ds, num_replicas=world, rank=rank, shuffle=train, seed=seed, drop_last=train)
+    return torch.utils.data.DataLoader(ds, batch_size, sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                       drop_last=train, worker_init_fn=worker_init, persistent_workers=False)
+
+
+def set_epoch(dl, epoch, skip_batches=0):
+    dl.sampler.set_epoch(epoch)
+    dl.sampler.skip = skip_batches * dl.batch_size
+    dl.dataset.epoch = epoch
+
+
+def train_steps(dl, epochs, accum, start=0):
+    """Yield (epoch, step, [accum micro-batches]) for optimiser steps start .. epochs * steps_per_epoch;
+    each epoch re-seeds the sampler, and a run resumed at `start` skips the batches already done."""
+    dl.sampler.skip = 0
+    per_epoch = len(dl) // accum
+    if per_epoch == 0:
+        raise ValueError(f"{len(dl.dataset)} images give no full step of {accum} x {dl.batch_size} per process")
+    for epoch in range(start // per_epoch, epochs):
+        first = max(start, epoch * per_epoch)
+        set_epoch(dl, epoch, (first - epoch * per_epoch) * accum)
+        it = iter(dl)
+        for step in range(first, (epoch + 1) * per_epoch):
+            yield epoch, step, [next(it) for _ in range(accum)]
+
+
+# ---- run plumbing ----
+
+def setup(seed=0):
+    """Read torchrun's environment (plain `python script.py` is one process); init NCCL on GPU, gloo on
+    CPU. Seeds each rank differently. Returns (rank, world_size, device)."""
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.manual_seed(seed + rank)
+    return rank, world, device
+
+
+def batch_split(global_batch, world, max_per_gpu):
+    """The user states the GLOBAL batch; returns (per-GPU micro-batch, gradient-accumulation steps)."""
+    per_rank = global_batch // world
+    if per_rank * world != global_batch:
+        raise ValueError(f"global batch {global_batch} is not divisible by {world} processes")
+    accum = math.ceil(per_rank / max_per_gpu)
+    while per_rank % accum:
+        accum += 1
+    return per_rank // accum, accum
+
+
+def cosine(step, total, warmup, peak, final=0.0, start=0.0):
+    """Linear warmup from `start` to `peak` over `warmup` steps, then half-cosine to `final` at `total`."""
+    if step < warmup:
+        return start + (peak - start) * step / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def rng_state():
+    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(state, out_dir, name="checkpoint.pt"):
+    """Atomic: write a temp file, then os.replace, so a kill mid-write never corrupts the last good one."""
+    path = os.path.join(out_dir, name)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def load_checkpoint(out_dir, name="checkpoint.pt"):
+    """The checkpoint in out_dir to resume from (weights_only: no pickled code runs), or None."""
+    path = os.path.join(out_dir, name)
+    return torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
+
+
+def log_json(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def run_info(args, device):
+    """The first JSON-lines record of a run: args, versions, device, git commit."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        sha = None
+    return dict(args=vars(args), torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                git=sha, time=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def report(record, out_dir):
+    """One progress line on stdout and the same record appended to out_dir/log.jsonl (call on rank 0)."""
+    print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
+    log_json(os.path.join(out_dir, "log.jsonl"), record)
+
+
+def unwrap(model):
+    """The plain module under DDP and torch.compile: what checkpoints save (no 'module.' / '_orig_mod.')."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)

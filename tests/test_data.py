@@ -1,0 +1,171 @@
+"""data.py: masks, keypoints, datasets and their failure modes, the loader, run plumbing."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+
+@pytest.mark.parametrize("img,cell,patch,ratio", [(192, 32, 16, 0.6), (224, 32, 16, 0.5), (96, 16, 8, 0.6), (192, 32, 32, 0.3)])
+def test_simmim_mask_count(img, cell, patch, ratio):
+    m = data.simmim_mask(img, cell, patch, ratio)
+    g, k = img // cell, cell // patch
+    assert m.shape == (img // patch, img // patch)
+    assert m.sum() == math.ceil(ratio * g * g) * k * k  # count rounded up: 22 of 36 cells at the defaults
+    cells = m[::k, ::k]
+    assert torch.equal(cells.repeat_interleave(k, 0).repeat_interleave(k, 1), m)  # whole cells only
+    with pytest.raises(ValueError, match="must divide"):
+        data.simmim_mask(200, 32, 16)
+
+
+def test_simmim_mask_differs_per_call():
+    torch.manual_seed(0)
+    assert not torch.equal(data.simmim_mask(), data.simmim_mask())
+
+
+@pytest.mark.parametrize("N,ratio", [(196, 0.75), (196, 0.6), (50, 0.33), (7, 0.5)])
+def test_random_masking(N, ratio):
+    ids_keep, ids_restore, mask = data.random_masking(4, N, ratio)
+    assert (mask.sum(1) == int(ratio * N)).all()  # floor(rN) masked in every sample
+    assert torch.equal(torch.gather(mask, 1, ids_keep), torch.zeros_like(ids_keep, dtype=mask.dtype))  # 0 = kept
+    x = torch.arange(N).repeat(4, 1)
+    kept = torch.gather(x, 1, ids_keep)
+    rest = torch.cat([kept, -torch.ones(4, N - kept.shape[1], dtype=x.dtype)], 1)
+    unshuffled = torch.gather(rest, 1, ids_restore)  # the restore indices undo the shuffle
+    assert torch.equal(unshuffled[mask == 0], x[mask == 0]) and (unshuffled[mask == 1] == -1).all()
+
+
+def test_fast_finds_the_corners_of_a_square():
+    # a bright square, brightest at its corners: FAST's non-max suppression drops tied scores, so the
+    # square is shaded to give each corner pixel the unique best score
+    img = np.zeros((128, 128, 3), np.uint8)
+    ys, xs = np.mgrid[50:74, 40:64]
+    d = np.minimum(abs(ys - 50), abs(ys - 73)) + np.minimum(abs(xs - 40), abs(xs - 63))
+    img[50:74, 40:64] = (255 - 3 * d)[..., None]
+    F = data.keypoint_map(img, "fast")
+    assert F.dtype == np.uint8 and set(np.unique(F)) == {0, 1}
+    ys, xs = np.nonzero(F)
+    assert sorted(zip(ys.tolist(), xs.tolist())) == [(50, 40), (50, 63), (73, 40), (73, 63)]
+    for det in ("orb", "sift"):  # scale-space detectors: keypoints near the square's outline
+        ys, xs = np.nonzero(data.keypoint_map(img, det))
+        assert len(ys) > 0 and (ys >= 40).all() and (ys <= 83).all() and (xs >= 30).all() and (xs <= 73).all()
+    assert data.keypoint_map(np.full((32, 32, 3), 128, np.uint8)).sum() == 0  # flat image: none
+
+
+def test_demo_dataset_deterministic_labelled_and_has_keypoints():
+    a, b = data.DemoShapes("train"), data.DemoShapes("train")
+    assert np.array_equal(np.array(a[7][0]), np.array(b[7][0])) and a[7][1] == b[7][1]
+    assert not np.array_equal(np.array(a[7][0]), np.array(data.DemoShapes("val")[7][0]))
+    assert {a[i][1] for i in range(12)} == set(range(6))
+    assert np.mean([data.keypoint_map(np.array(a[i][0])).sum() for i in range(6)]) > 5
+
+
+def write_messy_folder(root):
+    """ImageNet's quirks: CMYK, grayscale, a PNG named .JPEG; plus a truncated file and a stray text."""
+    for c in ("a", "b"):
+        os.makedirs(root / "train" / c / "sub", exist_ok=True)
+    Image.new("CMYK", (40, 30), (10, 20, 30, 0)).save(root / "train" / "a" / "cmyk.JPEG")
+    Image.new("L", (30, 40), 100).save(root / "train" / "a" / "gray.JPEG")
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(root / "train" / "b" / "png.JPEG", format="PNG")
+    Image.new("RGB", (32, 32), (4, 5, 6)).save(root / "train" / "b" / "sub" / "nested.jpg")
+    good = (root / "train" / "a" / "gray.JPEG").read_bytes()
+    (root / "train" / "b" / "truncated.JPEG").write_bytes(good[: len(good) // 2])
+    (root / "train" / "b" / "notes.txt").write_text("not an image")
+    (root / "train" / "b" / "fake.jpg").write_text("not a jpeg either")
+
+
+def test_image_folder_survives_messy_data(tmp_path):
+    write_messy_folder(tmp_path)
+    ds = data.dataset(str(tmp_path), "train", labelled=True)
+    assert ds.classes == ["a", "b"] and len(ds) == 6  # the .txt is not listed
+    items = [ds[i] for i in range(len(ds))]
+    assert all(img.mode == "RGB" for img, _ in items) and sorted({l for _, l in items}) == [0, 1]
+    assert ds.skipped == 2  # the truncated file and the fake jpg, each replaced by the next image
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.dataset(str(tmp_path / "missing"), "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        data.dataset(str(tmp_path / "empty"), "train")
+    (tmp_path / "flat" / "val").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "val" / "x.JPEG")
+    with pytest.raises(ValueError, match="flat"):
+        data.dataset(str(tmp_path / "flat"), "val", labelled=True)
+    assert len(data.dataset(str(tmp_path / "flat"), "val")) == 1  # unlabelled use is fine
+
+
+def test_seeded_samples_are_independent_of_workers_and_resume():
+    ds = data.Seeded(data.DemoShapes("train", size=24), data.crop_flip(32))
+    dl = data.loader(ds, batch_size=4, workers=0)
+    data.set_epoch(dl, 3)
+    full = [x for x, _ in dl]
+    dl2 = data.loader(ds, batch_size=4, workers=2)
+    data.set_epoch(dl2, 3, skip_batches=2)
+    resumed = [x for x, _ in dl2]
+    assert len(resumed) == len(full) - 2 and all(torch.equal(a, b) for a, b in zip(full[2:], resumed))
+    data.set_epoch(dl, 4)
+    assert not torch.equal(next(iter(dl))[0], full[0])  # another epoch, other crops
+    g = torch.get_rng_state()
+    ds[0]
+    assert torch.equal(g, torch.get_rng_state())  # the caller's RNG is untouched
+
+
+def test_transforms_shapes():
+    img = Image.new("RGB", (300, 200), (120, 60, 30))
+    assert data.kamim_crop(192)(img).size == (192, 192)
+    assert data.mae_transform(224)(img).shape == (3, 224, 224)
+    assert data.simple_resized_crop(224)(img).size == (224, 224)
+    assert data.three_augment()(img).size == (300, 200)
+    assert data.center_crop(224)(img).shape == (3, 224, 224)
+    x = data.normalize()(Image.new("RGB", (4, 4), (255, 0, 0)))
+    assert torch.allclose(x[:, 0, 0], torch.tensor([(1 - .485) / .229, -.456 / .224, -.406 / .225]), atol=1e-5)
+
+
+def test_schedule_and_batch_split():
+    assert data.cosine(0, 100, 10, 1.0, start=0.1) == 0.1
+    assert data.cosine(5, 100, 10, 1.0) == 0.5 and data.cosine(10, 100, 10, 1.0) == 1.0
+    assert math.isclose(data.cosine(55, 100, 10, 1.0, final=0.2), 0.6) and data.cosine(100, 100, 10, 1.0, 0.2) == 0.2
+    assert data.batch_split(2048, 8, 256) == (256, 1)
+    assert data.batch_split(2048, 1, 256) == (256, 8)
+    assert data.batch_split(96, 1, 40) == (32, 3)
+    with pytest.raises(ValueError, match="not divisible"):
+        data.batch_split(10, 4, 8)
+
+
+def test_atomic_checkpoint(tmp_path):
+    assert data.load_checkpoint(str(tmp_path)) is None
+    data.save_checkpoint({"step": 3, "w": torch.ones(2), "rng": data.rng_state()}, str(tmp_path))
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temp file left behind
+    ck = data.load_checkpoint(str(tmp_path))
+    assert ck["step"] == 3 and torch.equal(ck["w"], torch.ones(2))
+    data.set_rng_state(ck["rng"])
+
+
+def test_torchrun_two_ranks_see_disjoint_data(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           os.path.join(root, "tests", "dist_ranks.py"), str(tmp_path)]
+    subprocess.run(cmd, check=True, cwd=root, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root})
+    r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert len(r0["ids"]) == len(r1["ids"]) == 20 and not set(r0["ids"]) & set(r1["ids"])
+    assert r0["batches"] == 5
+
+
+def test_train_steps_resume_mid_epoch():
+    ds = data.Seeded(data.DemoShapes("train", size=20), lambda img: 0)
+    dl = data.loader(ds, batch_size=2, workers=0)
+    idx = lambda run: [(e, s, [b[1].tolist() for b in mb]) for e, s, mb in run]
+    full = idx(data.train_steps(dl, epochs=2, accum=2))
+    assert [s for _, s, _ in full] == list(range(10)) and [e for e, _, _ in full] == [0] * 5 + [1] * 5
+    assert idx(data.train_steps(dl, epochs=2, accum=2, start=3)) == full[3:]
+    assert idx(data.train_steps(dl, epochs=2, accum=2, start=7)) == full[7:]

@@ -1,0 +1,138 @@
+"""vit.py: shapes, attention paths, parameter and FLOP counts, checkpoint loading."""
+import argparse
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import vit
+
+
+def small(**kw):
+    torch.manual_seed(0)
+    return vit.vit("vit_demo", img_size=32, **kw).eval()
+
+
+def test_shapes_blocks_and_attention_maps():
+    m = small()
+    x = torch.randn(2, 3, 32, 32)
+    assert m(x).shape == (2, 1 + 16, 128)
+    y, attns = m(x, upto=2, norm=False, return_attn=True)
+    assert y.shape == (2, 17, 128) and len(attns) == 2 and attns[0].shape == (2, 4, 17, 17)
+    assert torch.allclose(attns[1].sum(-1), torch.ones(2, 4, 17), atol=1e-5)  # softmax rows
+    # the pieces compose to the same forward
+    z = m.norm(m.run_blocks(m.prefix(m.embed(x) + m.pos_embed)))
+    assert torch.allclose(z, m(x), atol=1e-6)
+    with pytest.raises(ValueError, match="image of size"):
+        m(torch.randn(1, 3, 48, 48))
+    with pytest.raises(ValueError, match="not divisible by the patch"):
+        vit.vit("vit_b", img_size=200)
+    with pytest.raises(ValueError, match="unknown model"):
+        vit.vit("vit_x")
+
+
+def test_sdpa_equals_explicit_softmax_and_cross_attention():
+    torch.manual_seed(0)
+    attn = vit.Attention(64, 4)
+    x, ctx = torch.randn(2, 5, 64), torch.randn(2, 7, 64)
+    assert torch.allclose(attn(x), attn(x, return_attn=True)[0], atol=1e-5)
+    out, a = attn(x, ctx, return_attn=True)
+    assert a.shape == (2, 4, 5, 7) and torch.allclose(attn(x, ctx), out, atol=1e-5)
+    # cross-attention by hand: q from x with the first D rows of qkv, k and v from the context
+    W, b = attn.qkv.weight, attn.qkv.bias
+    q, k, v = x @ W[:64].T + b[:64], ctx @ W[64:128].T + b[64:128], ctx @ W[128:].T + b[128:]
+    split = lambda t: t.view(2, -1, 4, 16).transpose(1, 2)
+    w = (split(q) @ split(k).transpose(-1, -2) / 4).softmax(-1)
+    ref = attn.proj((w @ split(v)).transpose(1, 2).reshape(2, 5, 64))
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,paper,hf", [("vit_t", 5.5, 5.515), ("vit_s", 21.6, 21.646), ("vit_b", 85.7, 85.759)])
+def test_parameter_counts_kamim_table1(name, paper, hf):
+    m = vit.vit(name, img_size=192)
+    n = sum(p.numel() for p in m.parameters())
+    assert abs(n / 1e6 - paper) < 0.1
+    # the paper's Hugging Face model also learns a (1 + 144) x D position embedding and a [MASK] token
+    assert round((n + 145 * m.dim + m.dim) / 1e6, 3) == hf
+
+
+def test_block_macs_formula_and_counter():
+    assert vit.block_macs(197, 768) == 12 * 197 * 768 ** 2 + 2 * 197 ** 2 * 768  # SemanticMIM App. C
+    torch.manual_seed(0)
+    blk, x, ctx = vit.Block(64, 4), torch.randn(3, 10, 64), torch.randn(3, 7, 64)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        blk(x)
+    assert fc.get_total_flops() == 3 * 2 * vit.block_macs(10, 64)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        blk(x, context=ctx)
+    assert fc.get_total_flops() == 3 * 2 * vit.block_macs(10, 64, Lkv=7)
+
+
+def test_forward_flops_match_counter_and_issue_figures():
+    m = small()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        m(torch.randn(2, 3, 32, 32))
+    assert fc.get_total_flops() == 2 * vit.vit_forward_flops(m)
+    # KAMIM ViT-B/16 at 192 px: ~25.7 GFLOP forward (+ the 1x1-conv head), ~77 GFLOP to train
+    b = vit.vit("vit_b", img_size=192)
+    head = 2 * 144 * 768 * 768
+    assert round(3 * (vit.vit_forward_flops(b) + head) / 1e9) == 77
+
+
+def test_param_groups_no_decay():
+    m = small()
+    decay, no_decay = vit.param_groups(m, 0.05)
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert {names[id(p)] for p in no_decay["params"]} >= {"cls_token", "norm.weight", "blocks.0.attn.qkv.bias"}
+    assert all(p.ndim == 2 or p.ndim == 4 for p in decay["params"]) and decay["weight_decay"] == 0.05
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+
+
+def test_sincos_matches_mae_formula():
+    pe = vit.sincos_pos_embed(8, 2, 3)  # D = 8: 2 frequencies per sin / cos and axis
+    x, y = 2, 1  # token (row 1, column 2) -> index 5
+    om = [1.0, 1 / 100]
+    want = [math.sin(x * om[0]), math.sin(x * om[1]), math.cos(x * om[0]), math.cos(x * om[1]),
+            math.sin(y * om[0]), math.sin(y * om[1]), math.cos(y * om[0]), math.cos(y * om[1])]
+    assert torch.allclose(pe[5], torch.tensor(want), atol=1e-6)
+
+
+def test_checkpoint_round_trip_and_mae_layout(tmp_path):
+    m, m2 = small(), vit.vit("vit_demo", img_size=32)
+    torch.save({"encoder": m.state_dict()}, tmp_path / "ours.pt")
+    vit.load_encoder(m2, str(tmp_path / "ours.pt"))
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(m2.eval()(x), m(x))
+    # MAE / DeiT layout: 'model', DDP prefix, a [cls] position row, decoder and head weights, a Namespace
+    sd = {"module." + k: v.clone() for k, v in m.state_dict().items()}
+    cls_pos = torch.randn(1, 1, 128)
+    sd["module.pos_embed"] = torch.cat([cls_pos, m.pos_embed], 1)
+    sd["module.cls_token"] = m.cls_token.detach() - cls_pos
+    sd.update({"module.decoder_embed.weight": torch.zeros(3), "module.head.weight": torch.zeros(2), "module.mask_token": torch.zeros(1)})
+    torch.save({"model": sd, "args": argparse.Namespace(lr=1.0)}, tmp_path / "mae.pth")
+    m3 = vit.load_encoder(vit.vit("vit_demo", img_size=32), str(tmp_path / "mae.pth")).eval()
+    assert torch.allclose(m3(x), m(x), atol=1e-5)
+
+
+def test_checkpoint_errors(tmp_path):
+    torch.save(small().state_dict(), tmp_path / "demo.pt")
+    with pytest.raises(ValueError, match="shape mismatch.*blocks.0.attn.qkv.weight"):
+        vit.load_encoder(vit.ViT(img_size=32, patch_size=8, dim=64, depth=4, heads=4), str(tmp_path / "demo.pt"))
+    with pytest.raises(ValueError, match="unexpected.*blocks.3"):
+        vit.load_encoder(vit.ViT(img_size=32, patch_size=8, dim=128, depth=3, heads=4), str(tmp_path / "demo.pt"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        vit.load_encoder(small(), str(tmp_path / "nope.pt"))
+
+
+def test_pos_embed_resize():
+    pos = vit.sincos_pos_embed(16, 14, 14)[None]
+    assert torch.equal(vit.resize_pos_embed(pos, (14, 14)), pos)  # identity at the same size
+    big = vit.resize_pos_embed(pos, (24, 24))  # 224 -> 384
+    assert big.shape == (1, 576, 16)
+    assert torch.allclose(vit.resize_pos_embed(torch.ones(1, 196, 4), (24, 24)), torch.ones(1, 576, 4), atol=1e-5)
+    # a model at 64 px loads a 32 px checkpoint: the grid is resized, the [cls] token untouched
+    m = small()
+    m64 = vit.load_encoder(vit.vit("vit_demo", img_size=64), m.state_dict())
+    assert m64.pos_embed.shape == (1, 64, 128) and torch.equal(m64.cls_token, m.cls_token)

@@ -136,3 +136,26 @@ def test_pos_embed_resize():
     m = small()
     m64 = vit.load_encoder(vit.vit("vit_demo", img_size=64), m.state_dict())
     assert m64.pos_embed.shape == (1, 64, 128) and torch.equal(m64.cls_token, m.cls_token)
+
+
+def test_grayscale_and_non_square_train_step():
+    torch.manual_seed(0)
+    m = vit.ViT(img_size=(32, 48), patch_size=8, in_chans=1, dim=64, depth=2, heads=4)
+    assert m.pos_embed.shape == (1, 4 * 6, 64)
+    opt = torch.optim.AdamW(vit.param_groups(m, 0.05), lr=1e-3)
+    x = torch.randn(2, 1, 32, 48)
+    loss = m(x).pow(2).mean()
+    loss.backward()
+    assert all(p.grad is not None for p in m.parameters())
+    opt.step()
+    assert m(x).pow(2).mean() < loss
+
+
+def test_imports_raise_no_warnings():
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    mods = [f[:-3] for f in ("vit.py", "data.py", "kamim.py", "lut.py", "semanticmim.py", "abmilp_probe.py")
+            if os.path.exists(os.path.join(root, f))]
+    subprocess.run([sys.executable, "-W", "error", "-c", "import " + ", ".join(mods)], check=True, cwd=root)

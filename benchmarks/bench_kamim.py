@@ -43,8 +43,8 @@ def bench_step(args, device):
     B, d = args.batch_size, args.img_size
     img = torch.randn(B, 3, d, d, device=device)
     mask = torch.stack([data.simmim_mask(d, args.mask_patch, vit.CONFIGS[args.model]["patch_size"]) for _ in range(B)]).to(device)
-    tf = kamim.KamimTransform(d, 16, args.mask_patch)
-    crops = [tf.crop(data.DemoShapes("train")[i % 64][0]) for i in range(B)]
+    crop = data.kamim_crop(d)
+    crops = [crop(data.DemoShapes("train")[i % 64][0]) for i in range(B)]
     points = torch.stack([torch.from_numpy(data.keypoint_map(np.asarray(c))) for c in crops]).to(device)
     cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()

@@ -250,7 +250,7 @@ def train(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--data", default=None, help="ImageNet folder (PATH/train/...) or a folder of images; absent = the built-in "
       "demo (DemoShapes) with vit_demo at 96 px, mask patch 16, wps 4 (the paper's 12x12 token / 6x6 mask-cell / "
@@ -277,11 +277,11 @@ def parse_args(argv=None):
     a("--clip-logits", action="store_true", help="released code: clamp Omega/T to [-20, 20] before exp (eq. 2)")
     a("--mask-patch", type=int, default=None, help="mask cell size, §4.1: 32 (demo 16)")
     a("--mask-ratio", type=float, default=0.6, help="§4.1: 0.6 of the cells, rounded up (22 of 36)")
-    a("--out", default="runs/kamim", help="output folder: log.jsonl, checkpoint.pt (auto-resumed), figures")
+    a("--out", default="runs/kamim", help="output folder (default %(default)s): log.jsonl, checkpoint.pt (auto-resumed), figures")
     a("--workers", type=int, default=None, help="data-loader processes per GPU (default 8; demo 1)")
-    a("--seed", type=int, default=0)
-    a("--log-every", type=int, default=20, help="optimiser steps per log line")
-    a("--save-every", type=int, default=1000, help="optimiser steps per checkpoint (also at each epoch end)")
+    a("--seed", type=int, default=0, help="every crop, mask and batch order follows from (seed, epoch, index)")
+    a("--log-every", type=int, default=20, help="optimiser steps per log line (default %(default)s)")
+    a("--save-every", type=int, default=1000, help="optimiser steps per checkpoint, also at each epoch end (default %(default)s)")
     a("--max-steps", type=int, default=None, help="stop after this many optimiser steps in this invocation")
     a("--compile", action="store_true", help="torch.compile the model")
     args = p.parse_args(argv)

@@ -161,3 +161,10 @@ def test_bad_flags(flags, message, capsys):
     with pytest.raises(SystemExit):
         kamim.parse_args(flags)
     assert message in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path, monkeypatch):
+    monkeypatch.setattr(kamim, "kamim_loss", lambda pred, *a: pred.sum() * float("nan"))
+    with pytest.raises(SystemExit, match="non-finite"):
+        run(tmp_path, "nan", "--max-steps", "2")
+    assert not (tmp_path / "nan" / "checkpoint.pt").exists()

@@ -1,0 +1,313 @@
+"""SimMIM and KAMIM pretraining (Keypoint Aware Masked Image Modelling, kamim.txt §3, §4.1).
+
+SimMIM (eq. 1): the encoder sees every patch, masked patches' embeddings replaced by a learnable
+[MASK] token; a 1x1 conv + PixelShuffle head regresses the normalised pixels; l1 on masked pixels.
+KAMIM (eqs. 2-3): FAST keypoints on the augmented crop give a map F; its density Omega over wps x wps
+blocks gives a weight W >= 1 per block, which multiplies each masked pixel's l1 error.
+
+    python kamim.py                                           # CPU demo, a few minutes
+    torchrun --nproc_per_node=8 kamim.py --model vit_b --data /imagenet           # KAMIM, the paper
+    torchrun --nproc_per_node=8 kamim.py --model vit_b --data /imagenet --detector none   # SimMIM
+
+The loader ships the cheap uint8 point map; Omega, W and the released code's circles are computed
+on the training device. Released code (For TPUs/) differences sit behind flags: --keypoints points
+(the paper's single pixels; circles are the default because they produced the paper's numbers),
+--clip-logits, --decay-all.
+"""
+import argparse
+import contextlib
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.utils import save_image
+
+import data
+import vit
+
+REF_BATCH = 2048  # the global batch the paper's lr 8e-4 belongs to (released code; the paper gives none)
+# cv2.drawKeypoints' circle for a FAST keypoint (size 7, integer centre), as a 9 x 9 stamp: centre 3 x 3 empty
+RING = torch.tensor([[int(c) for c in row] for row in
+                     "000111000 001111100 011111110 111000111 111000111 111000111 011111110 001111100 000111000".split()])
+
+
+# ---- the paper's pieces ----
+
+def keypoint_circles(points):
+    """Released code: each keypoint drawn as a circle (cv2.drawKeypoints). For FAST this equals the point
+    map convolved with RING, thresholded at > 0. points (B, 1, d, d) {0, 1} -> (B, 1, d, d) {0, 1} float.
+    ORB / SIFT draw size-dependent circles at sub-pixel centres: this stamp only approximates them."""
+    ring = RING.to(points.device, torch.float32)[None, None]  # (1, 1, 9, 9)
+    return (F.conv2d(points.float(), ring, padding=4) > 0).float()
+
+
+def keypoint_density(F_map, wps):
+    """§3.3.2: Omega = F convolved with an all-ones wps x wps kernel scaled by 1/wps^2, stride wps, no
+    padding (= a block mean). (B, 1, d, d) -> (B, 1, d/wps, d/wps), the mean keypoint count per block."""
+    return F.avg_pool2d(F_map.float(), wps, stride=wps)
+
+
+def kamim_weights(omega, temperature, clip=None):
+    # eq. 2: W = exp(Omega/T) / min over the image of exp(Omega/T), so min W = 1 in every image
+    z = omega / temperature  # (B, 1, h, w)
+    if clip is not None:  # released code clamps Omega/T to [-clip, clip]; never binds for T >= 1/clip
+        z = z.clamp(-clip, clip)
+    return torch.exp(z - z.amin(dim=(-2, -1), keepdim=True))  # = eq. 2, without overflow at small T
+
+
+def kamim_loss(pred, target, mask, W):
+    # eq. 3: l1 on masked pixels, each error multiplied by its block's W; pred, target (B, C, H, W),
+    # mask (B, 1, H, W) 1 = masked, W (B, 1, H/wps, W/wps). Mean over masked pixel-channels (released
+    # code; the paper sums per patch), NOT divided by sum W: KAMIM's loss is larger than SimMIM's by design
+    Wpix = F.interpolate(W, size=pred.shape[-2:], mode="nearest")  # each W repeated over its wps x wps pixels
+    err = (pred.float() - target.float()).abs() * Wpix * mask
+    return err.sum() / (mask.sum() * pred.shape[1])
+
+
+def simmim_loss(pred, target, mask):
+    # eq. 1: l1 on masked pixels only (mask 1 = masked): eq. 3 with every W = 1
+    return kamim_loss(pred, target, mask, torch.ones_like(mask[:, :, :1, :1]))
+
+
+# ---- the model ----
+
+class KAMIM(nn.Module):
+    """SimMIM on vit.ViT (Hugging Face ViTForMaskedImageModeling, as the released code): [MASK] replaces the
+    patch embedding before the position is added and [cls] prepended; all tokens through the encoder and
+    its final norm; the head drops [cls] and maps each token to its patch's pixels. No drop path.
+    detector "none" = plain SimMIM; otherwise KAMIM's weighted loss from the keypoint point map."""
+    def __init__(self, encoder, wps=8, temperature=0.25, circles=True, clip=None):
+        super().__init__()
+        self.encoder, self.wps, self.temperature, self.circles, self.clip = encoder, wps, temperature, circles, clip
+        D, p = encoder.dim, encoder.patch_size
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)  # SimMIM
+        self.head = nn.Sequential(nn.Conv2d(D, p * p * encoder.in_chans, 1), nn.PixelShuffle(p))  # SimMIM decoder
+
+    def predict(self, img, mask):
+        """img (B, C, H, W), mask (B, h, w) on the token grid, 1 = masked -> reconstruction (B, C, H, W)."""
+        enc = self.encoder
+        x = enc.embed(img)  # (B, N, D)
+        m = mask.flatten(1).unsqueeze(-1).to(x.dtype)  # (B, N, 1)
+        x = x * (1 - m) + self.mask_token.to(x.dtype) * m  # SimMIM: a learned [MASK], not zeros (SimMIM#10)
+        x = enc.norm(enc.run_blocks(enc.prefix(x + enc.pos_embed)))  # (B, 1 + N, D)
+        x = x[:, enc.num_prefix:].transpose(1, 2).reshape(x.shape[0], enc.dim, *enc.grid)  # (B, D, h, w)
+        return self.head(x)
+
+    def weights(self, points):
+        """points (B, d, d) uint8 {0, 1} -> W (B, 1, d/wps, d/wps) of eq. 2, in fp32 even under autocast."""
+        with torch.autocast(points.device.type, enabled=False):
+            F_map = points[:, None].float()
+            F_map = keypoint_circles(F_map) if self.circles else F_map
+            return kamim_weights(keypoint_density(F_map, self.wps), self.temperature, self.clip)
+
+    def forward(self, img, mask, points=None):
+        """img (B, C, H, W) normalised, mask (B, h, w) 1 = masked, points (B, H, W) or None (SimMIM).
+        Returns the loss and its terms; "l1" is the unweighted eq. 1, comparable across the two methods."""
+        pred = self.predict(img, mask)
+        p = self.encoder.patch_size
+        mpix = mask.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None].float()  # (B, 1, H, W)
+        l1 = simmim_loss(pred, img, mpix)  # target = the normalised input itself (no per-patch norm)
+        if points is None:
+            return l1, {"loss": l1.detach()}
+        loss = kamim_loss(pred, img, mpix, self.weights(points))
+        return loss, {"loss": loss.detach(), "l1": l1.detach()}
+
+
+def train_flops(model):
+    """Analytic FLOPs of one training image: 3 x (encoder forward over all 1 + N tokens + the 1x1 head)."""
+    enc = model.encoder
+    n = enc.grid[0] * enc.grid[1]
+    head = 2 * n * enc.dim * enc.patch_size ** 2 * enc.in_chans
+    return 3 * (vit.vit_forward_flops(enc) + head)
+
+
+# ---- data hook ----
+
+class KamimTransform:
+    """PIL -> (normalised image (3, d, d), mask (d/p, d/p) uint8 1 = masked[, point map F (d, d) uint8]).
+    Keypoints are found on the augmented uint8 crop, after both flips, before normalisation (§4.1)."""
+    def __init__(self, img_size, model_patch, mask_patch=32, mask_ratio=0.6, detector="fast"):
+        self.crop, self.norm = data.kamim_crop(img_size), data.normalize()
+        self.mask = lambda: data.simmim_mask(img_size, mask_patch, model_patch, mask_ratio)
+        self.detector = detector
+
+    def __call__(self, img):
+        crop = self.crop(img)
+        out = (self.norm(crop), self.mask())
+        if self.detector == "none":  # SimMIM: no keypoint work at all
+            return out
+        return out + (torch.from_numpy(data.keypoint_map(np.asarray(crop), self.detector)),)
+
+
+@torch.no_grad()
+def save_figure(model, batch, path, n=8):
+    """Figs. 1-2: rows = input, masked input, W (scaled to its max), reconstruction pasted into the masked
+    cells. Images are un-normalised with ImageNet's mean/std for display."""
+    img, mask, points = batch[0][:n], batch[1][:n], (batch[2][:n] if len(batch) > 2 else None)
+    pred = model.predict(img, mask).float()
+    p = model.encoder.patch_size
+    m = mask.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None].float()
+    mean, std = (torch.tensor(v, device=img.device).view(1, 3, 1, 1) for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
+    show = lambda x: (x * std + mean).clamp(0, 1)
+    rows = [show(img), show(img) * (1 - m)]
+    if points is not None:
+        W = model.weights(points)
+        rows.append((F.interpolate(W, size=img.shape[-2:]) / W.amax(dim=(1, 2, 3), keepdim=True)).expand(-1, 3, -1, -1))
+    rows.append(show(img * (1 - m) + pred * m))
+    save_image(torch.cat(rows), path, nrow=img.shape[0])
+
+
+# ---- training ----
+
+def train(args):
+    rank, world, device = data.setup(args.seed)
+    cuda = device.type == "cuda"
+    micro, accum = data.batch_split(args.batch_size, world, args.micro_batch or args.batch_size)
+    lr = args.lr * args.batch_size / REF_BATCH  # linear scaling rule (released code)
+    encoder = vit.vit(args.model, img_size=args.img_size)
+    model = KAMIM(encoder, args.wps, args.temperature, args.keypoints == "circles",
+                  20.0 if args.clip_logits else None).to(device)
+    groups = ([dict(params=list(model.parameters()), weight_decay=args.weight_decay)] if args.decay_all
+              else vit.param_groups(model, args.weight_decay))
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), **({"fused": True} if cuda else {}))
+    ds = data.Seeded(data.dataset(args.data, "train"), KamimTransform(args.img_size, encoder.patch_size, args.mask_patch,
+                                                                     args.mask_ratio, args.detector), args.seed)
+    dl = data.loader(ds, micro, train=True, workers=args.workers, seed=args.seed)
+    per_epoch = len(dl) // accum
+    total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
+    step = 0
+    os.makedirs(args.out, exist_ok=True)
+    ckpt = data.load_checkpoint(args.out)
+    if ckpt is not None:  # auto-resume: weights, optimiser, step, RNG; the loader skips what was done
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        data.set_rng_state(ckpt["rng"])
+    if rank == 0:
+        print("args:", "  ".join(f"{k}={v}" for k, v in vars(args).items()))
+        print(f"world {world}  global batch {args.batch_size} = {micro} x {accum} accumulation x {world} processes  "
+              f"lr {lr:.3g} (= {args.lr:g} x {args.batch_size}/{REF_BATCH})  {per_epoch} steps/epoch, {total} in all"
+              + (f"  resuming at step {step}" if step else ""))
+        if step == 0:
+            data.log_json(os.path.join(args.out, "log.jsonl"), data.run_info(args, device))
+    net = torch.compile(model) if args.compile else model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if cuda else None)
+    flops = train_flops(model)
+    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
+    sums, n_log, t0, last, done = {}, 0, time.time(), None, 0
+
+    def checkpoint():
+        if not all(torch.isfinite(v).item() for v in sums.values()):  # never overwrite the last good one
+            raise SystemExit(f"non-finite loss at step {step}: stopping; {args.out}/checkpoint.pt is the last good state")
+        if rank == 0:
+            data.save_checkpoint(dict(model=model.state_dict(), encoder=model.encoder.state_dict(), optimizer=opt.state_dict(),
+                                      step=step, rng=data.rng_state(), args=vars(args)), args.out)
+
+    model.train()
+    for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start=step):
+        lr_now = data.cosine(step, total, warmup, lr, final=args.min_lr, start=args.warmup_lr)
+        for g in opt.param_groups:
+            g["lr"] = lr_now
+        for i, (batch, _) in enumerate(micro_batches):
+            batch = [t.to(device, non_blocking=True) for t in batch]
+            sync = contextlib.nullcontext() if world == 1 or i == accum - 1 else net.no_sync()
+            with sync, autocast:
+                loss, terms = net(*batch)
+                (loss / accum).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0) + v / accum
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step, n_log, done, last = step + 1, n_log + 1, done + 1, batch
+        if step % args.log_every == 0 or step == total or done == args.max_steps:
+            vals = {k: v.item() / n_log for k, v in sums.items()}  # one sync per log line
+            if not all(math.isfinite(v) for v in vals.values()):
+                raise SystemExit(f"non-finite loss {vals} at step {step}: stopping without saving; "
+                                 f"{args.out}/checkpoint.pt is the last good state")
+            dt = time.time() - t0
+            ips = n_log * args.batch_size / dt
+            if rank == 0:
+                data.report(dict(epoch=epoch, step=step, **vals, lr=lr_now, img_s=ips, tflops=ips * flops / 1e12,
+                                 mfu=vit.mfu(ips * flops / world, device)), args.out)
+            sums, n_log, t0 = {}, 0, time.time()
+        end_of_epoch = step % per_epoch == 0
+        if step % args.save_every == 0 or end_of_epoch or step == total or done == args.max_steps:
+            checkpoint()
+        if end_of_epoch and rank == 0:
+            save_figure(model, last, os.path.join(args.out, f"epoch{epoch:03d}.png"))
+        if done == args.max_steps:
+            break
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return model
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    a = p.add_argument
+    a("--data", default=None, help="ImageNet folder (PATH/train/...) or a folder of images; absent = the built-in "
+      "demo (DemoShapes) with vit_demo at 96 px, mask patch 16, wps 4 (the paper's 12x12 token / 6x6 mask-cell / "
+      "24x24 weight geometry at half scale), batch 128, 6 epochs (1 warmup)")
+    a("--model", default=None, choices=list(vit.CONFIGS), help="encoder; the paper: vit_t / vit_s / vit_b (default vit_b)")
+    a("--img-size", type=int, default=None, help="crop size; §4.1: 192")
+    a("--batch-size", type=int, default=None, help="GLOBAL batch; released code: 2048 (the paper gives none)")
+    a("--micro-batch", type=int, default=None, help="most images per GPU per forward; accumulation reaches --batch-size")
+    a("--lr", type=float, default=8e-4, help="peak lr at batch 2048 (§4.1: 8e-4), scaled linearly to --batch-size")
+    a("--warmup-lr", type=float, default=1e-6, help="lr the warmup starts from (released code)")
+    a("--min-lr", type=float, default=1e-5, help="the cosine's floor (released code)")
+    a("--epochs", type=int, default=None, help="§4.1: 100 (the released loop then runs 10 more at the floor)")
+    a("--warmup-epochs", type=int, default=None, help="§4.1: 10")
+    a("--weight-decay", type=float, default=0.05, help="AdamW, §4.1: 0.05, betas (0.9, 0.999)")
+    a("--decay-all", action="store_true", help="released code: weight decay on every parameter (default: none on "
+      "norms, biases, tokens)")
+    a("--clip-grad", type=float, default=1.0, help="gradient-norm clip (released code: 1.0)")
+    a("--detector", default="fast", choices=["fast", "orb", "sift", "none"], help="keypoints for F (§3.2, Table 4: "
+      "FAST; ORB, SIFT); none = plain SimMIM, no keypoint work in the loader")
+    a("--wps", type=int, default=None, help="weight patch size, Table 2: 8 (demo 4)")
+    a("--temperature", type=float, default=0.25, help="T of eq. 2, Table 2: 0.25; larger = closer to SimMIM")
+    a("--keypoints", default="circles", choices=["circles", "points"], help="F as the released code drew it (circles, "
+      "which produced the paper's numbers and for which T was tuned) or the single pixels §3.3.1 describes")
+    a("--clip-logits", action="store_true", help="released code: clamp Omega/T to [-20, 20] before exp (eq. 2)")
+    a("--mask-patch", type=int, default=None, help="mask cell size, §4.1: 32 (demo 16)")
+    a("--mask-ratio", type=float, default=0.6, help="§4.1: 0.6 of the cells, rounded up (22 of 36)")
+    a("--out", default="runs/kamim", help="output folder (default %(default)s): log.jsonl, checkpoint.pt (auto-resumed), figures")
+    a("--workers", type=int, default=None, help="data-loader processes per GPU (default 8; demo 1)")
+    a("--seed", type=int, default=0, help="every crop, mask and batch order follows from (seed, epoch, index)")
+    a("--log-every", type=int, default=20, help="optimiser steps per log line (default %(default)s)")
+    a("--save-every", type=int, default=1000, help="optimiser steps per checkpoint, also at each epoch end (default %(default)s)")
+    a("--max-steps", type=int, default=None, help="stop after this many optimiser steps in this invocation")
+    a("--compile", action="store_true", help="torch.compile the model")
+    args = p.parse_args(argv)
+    paper, demo = dict(model="vit_b", img_size=192, batch_size=2048, epochs=100, warmup_epochs=10, wps=8, mask_patch=32, workers=8), \
+        dict(model="vit_demo", img_size=96, batch_size=128, epochs=6, warmup_epochs=1, wps=4, mask_patch=16, workers=1)
+    for k, v in (paper if args.data else demo).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    patch = vit.CONFIGS[args.model]["patch_size"]
+    if args.img_size % args.wps:
+        p.error(f"--wps {args.wps} does not divide --img-size {args.img_size}")
+    if args.img_size % args.mask_patch or args.mask_patch % patch:
+        p.error(f"--mask-patch {args.mask_patch} must divide --img-size {args.img_size} and be a multiple of "
+                f"{args.model}'s patch {patch}")
+    if args.temperature <= 0:
+        p.error(f"--temperature must be > 0 (got {args.temperature})")
+    if not 0 < args.mask_ratio < 1:
+        p.error(f"--mask-ratio must lie in (0, 1) (got {args.mask_ratio})")
+    if args.warmup_epochs > args.epochs:
+        p.error(f"--warmup-epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")
+    return args
+
+
+def main(argv=None):
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -245,12 +245,17 @@ def layer_decay_groups(model, weight_decay, decay):
     return groups
 
 
+def scaled_lr(base, batch, rule="linear"):
+    """§5.1 follows MAE: base x batch / 256 (2.4e-3 at 4096). The released code: base x sqrt(batch) / 4,
+    the same at 4096 only (4x larger at 256)."""
+    return base * batch / REF_BATCH if rule == "linear" else base * batch ** 0.5 / 4
+
+
 def train(args):
     rank, world, device = data.setup(args.seed)
     cuda = device.type == "cuda"
     micro, accum = data.batch_split(args.batch_size, world, args.micro_batch or args.batch_size)
-    scale = args.batch_size / REF_BATCH
-    lr = args.lr * (scale if args.lr_scaling == "linear" else scale ** 0.5)
+    lr = scaled_lr(args.lr, args.batch_size, args.lr_scaling)
     encoder = vit.vit(args.model, img_size=args.img_size)
     model = LUT(encoder, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.mask_ratio, args.norm_pix_loss,
                 args.alpha, args.head_hidden, args.two_view).to(device)
@@ -271,8 +276,9 @@ def train(args):
     if rank == 0:
         print("args:", "  ".join(f"{k}={v}" for k, v in vars(args).items()))
         print(f"world {world}  global batch {args.batch_size} = {micro} x {accum} accumulation x {world} processes  "
-              f"lr {lr:.3g} (= {args.lr:g} x {args.batch_size}/{REF_BATCH}{'' if args.lr_scaling == 'linear' else ' sqrt'}; "
-              f"the paper: 2.4e-3 at 4096)  {per_epoch} steps/epoch, {total} in all" + (f"  resuming at step {step}" if step else ""))
+              f"lr {lr:.3g} (= {args.lr:g} x " + (f"{args.batch_size}/{REF_BATCH}" if args.lr_scaling == "linear" else
+              f"sqrt({args.batch_size})/4") + "; the paper: 2.4e-3 at 4096)"
+              + f"  {per_epoch} steps/epoch, {total} in all" + (f"  resuming at step {step}" if step else ""))
         if step == 0:
             data.log_json(os.path.join(args.out, "log.jsonl"), data.run_info(args, device))
     if world > 1 and cuda:  # §5.1: SyncBN in the heads (CPU/gloo has none: each process normalises its own batch)
@@ -341,14 +347,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--data", default=None, help="ImageNet folder (PATH/train/...) or a folder of images; absent = the built-in demo "
-      "(DemoShapes) with vit_demo at 64 px (patch 8), a 128-wide 2-block decoder, batch 64, 10 epochs (1 warmup), 1 worker")
+      "(DemoShapes) with vit_demo at 64 px (patch 8), a 128-wide 2-block decoder, batch 64, 6 epochs (1 warmup), 1 worker")
     a("--model", default=None, choices=list(vit.CONFIGS), help="encoder; §5.1: vit_s / vit_b / vit_l (default vit_b)")
     a("--img-size", type=int, default=None, help="§5.1: 224")
     a("--batch-size", type=int, default=None, help="GLOBAL batch, §5.1: 4096")
     a("--micro-batch", type=int, default=128, help="most images per GPU per forward; accumulation reaches --batch-size")
     a("--lr", type=float, default=1.5e-4, help="base lr per 256 images, §5.1: 1.5e-4 (2.4e-3 at batch 4096)")
     a("--lr-scaling", default="linear", choices=["linear", "sqrt"], help="lr = base x batch/256 (MAE, the paper's "
-      "protocol); released code: sqrt, base x sqrt(batch/256), equal at 4096 only (4x larger at 256)")
+      "protocol); released code: sqrt, base x sqrt(batch) / 4: equal at 4096 only, 4x larger at 256")
     a("--epochs", type=int, default=None, help="§5.1: 1600 (ablations, Table 4: 400)")
     a("--warmup-epochs", type=int, default=None, help="§5.1: 40, linear from 0, then half-cosine to 0 per step")
     a("--weight-decay", type=float, default=0.05, help="AdamW, none on biases, norms and tokens (MAE)")
@@ -370,7 +376,8 @@ def parse_args(argv=None):
       "code: cosine from tau to 1")
     a("--head-hidden", type=int, default=4096, help="projector / predictor hidden width, §5.1: 4096")
     a("--two-view", action="store_true", help="released code: the context view is masked too (the next 25%% of view 1's "
-      "random order, disjoint), both views through the student, cross-view L_BC averaged (~1.6x the paper's FLOPs)")
+      "random order, disjoint), both views through the student, cross-view L_BC averaged: 2.65x MAE's training FLOPs at "
+      "ViT-B against 1.6x for the paper's LUT")
     a("--crop", default=None, choices=["src", "rrc"], help="Table 4f: src (simple resized crop) for LUT; default for "
       "--alpha 0 is MAE's rrc (0.2, 1)")
     a("--out", default="runs/lut", help="output folder: log.jsonl, checkpoint.pt (auto-resumed), figures")
@@ -383,7 +390,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     paper = dict(model="vit_b", img_size=224, batch_size=4096, epochs=1600, warmup_epochs=40, decoder_dim=512,
                  decoder_depth=8, decoder_heads=16, workers=8)
-    demo = dict(model="vit_demo", img_size=64, batch_size=64, epochs=10, warmup_epochs=1, decoder_dim=128,
+    demo = dict(model="vit_demo", img_size=64, batch_size=64, epochs=6, warmup_epochs=1, decoder_dim=128,
                 decoder_depth=2, decoder_heads=4, workers=1)
     for k, v in (paper if args.data else demo).items():
         if getattr(args, k) is None:

@@ -85,7 +85,7 @@ def ema_update(teacher, student, m):
 
 def ema_momentum(step, total, base=0.996, cosine=False):
     """§5.1: tau = 0.996 at every optimiser step. Released code (--ema-schedule cosine): BYOL's
-    1 - (1 - tau)(1 + cos(pi t / T)) / 2, from tau to 1 over the run."""
+    1 - (1 - tau)(1 + cos(pi t / T)) / 2, from tau to 1 over the run (its argparse default tau 0.99996, its docs 0.996)."""
     return 1 - (1 - base) * (1 + math.cos(math.pi * step / total)) / 2 if cosine else base
 
 
@@ -210,7 +210,7 @@ class Views:
 
 @torch.no_grad()
 def save_figure(model, img, path, seed=0):
-    """Rows: input, masked input, prediction, prediction pasted into the visible patches. With norm-pix
+    """Rows: input, masked input, prediction, the visible patches with the prediction in the masked ones. With norm-pix
     targets the prediction is un-normalised with the input patch's own mean / std, for display only."""
     p, grid = model.encoder.patch_size, model.encoder.grid
     with torch.random.fork_rng(devices=[img.device] if img.is_cuda else []):  # fixed masks; training RNG untouched

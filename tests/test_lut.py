@@ -168,3 +168,13 @@ def test_torchrun_two_processes(tmp_path):
            "--max-steps", "2", "--log-every", "1"]
     subprocess.run(cmd, check=True, cwd=root, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_nonfinite_loss_stops_without_saving(tmp_path, monkeypatch):
+    run(tmp_path, "--max-steps", "2")
+    before = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    monkeypatch.setattr(lut, "mae_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(SystemExit, match="non-finite"):
+        run(tmp_path, "--max-steps", "2")
+    after = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert after["step"] == 2 and all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])

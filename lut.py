@@ -1,0 +1,421 @@
+"""LUT: Learning with Unmasked Tokens Drives Stronger Vision Learners (Kim et al., ECCV 2024), on top of
+MAE (He et al., CVPR 2022), its baseline. `--alpha 0` is plain MAE.
+
+MAE (eq. 1): mask 75 % of the patches, encode the visible ones only, decode with mask tokens, regress the
+masked patches' pixels. LUT (eq. 2-3) adds the broader-context loss L_BC: the mean of the online encoder's
+visible tokens, through a projector and a predictor, must match (cosine) the projected mean of all tokens
+of a momentum (EMA) copy that sees a second, unmasked, differently augmented view.
+
+    torchrun --nproc_per_node=8 lut.py --model vit_b --data /imagenet   # the paper's ViT-B/16 run
+    python lut.py                                                        # CPU demo, a few minutes
+"""
+import argparse
+import contextlib
+import copy
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+from torchvision.utils import save_image
+
+import data
+import vit
+
+REF_BATCH = 256  # MAE's convention, which §5.1 follows: lr = base lr x batch / 256
+
+
+# ---- paper pieces ----
+
+def patchify(img, p):
+    """(B, C, H, W) -> (B, N, p * p * C) patch pixels, row-major over the grid (MAE's order)."""
+    B, C, H, W = img.shape
+    x = img.reshape(B, C, H // p, p, W // p, p)
+    return torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(x, p, grid, C=3):
+    """(B, N, p * p * C) -> (B, C, H, W), the inverse of patchify."""
+    B, (gh, gw) = x.shape[0], grid
+    x = x.reshape(B, gh, gw, p, p, C)
+    return torch.einsum("bhwpqc->bchpwq", x).reshape(B, C, gh * p, gw * p)
+
+
+def mae_loss(pred, target, mask, norm_pix=True):
+    # eq. 1: squared error on the masked patches only (mask: 1 = removed, 0 = kept), (B, N, P) in.
+    # Mean over each patch's P values, then over masked patches (the released code's scale, not the sum).
+    if norm_pix:  # MAE's norm_pix_loss: each target patch to zero mean, unit (unbiased) variance (mae#12)
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    per_patch = (pred.float() - target.float()).pow(2).mean(-1)  # (B, N)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def restore_order(kept, mask_token, ids_restore):
+    """MAE's decoder input: kept tokens (B, N_keep, D) plus N - N_keep copies of the shared mask token, put
+    back in the original patch order by ids_restore (B, N). Returns (B, N, D)."""
+    B, N = ids_restore.shape
+    x = torch.cat([kept, mask_token.expand(B, N - kept.shape[1], -1)], dim=1)  # (B, N, D), shuffled order
+    return torch.gather(x, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def broader_context_loss(u, v):
+    # eq. 3: L_BC = ||u_bar - v_bar||^2 with l2-normalised (B, D) vectors, = 2 - 2 cos; batch mean (Table 4d)
+    u, v = F.normalize(u.float(), dim=-1), F.normalize(v.float(), dim=-1)
+    return (u - v).pow(2).sum(-1).mean()
+
+
+def mlp_head(dim, hidden=4096):
+    """§5.1 (released code): Linear(no bias) -> BatchNorm -> ReLU -> Linear(no bias), nothing after it."""
+    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, dim, bias=False))
+
+
+def ema_update(teacher, student, m):
+    """Momentum encoder (§3): teacher <- m * teacher + (1 - m) * student, parameters and BatchNorm running
+    statistics alike; other buffers (fixed position embedding, BN's step counter) are copied."""
+    with torch.no_grad():
+        for t, s in zip(teacher.parameters(), student.parameters()):
+            t.mul_(m).add_(s.detach(), alpha=1 - m)
+        for (name, t), s in zip(teacher.named_buffers(), student.buffers()):
+            t.mul_(m).add_(s, alpha=1 - m) if "running_" in name else t.copy_(s)
+
+
+def ema_momentum(step, total, base=0.996, cosine=False):
+    """§5.1: tau = 0.996 at every optimiser step. Released code (--ema-schedule cosine): BYOL's
+    1 - (1 - tau)(1 + cos(pi t / T)) / 2, from tau to 1 over the run (its argparse default tau 0.99996, its docs 0.996)."""
+    return 1 - (1 - base) * (1 + math.cos(math.pi * step / total)) / 2 if cosine else base
+
+
+# ---- the model ----
+
+class LUT(nn.Module):
+    """MAE (encoder on visible patches + 8-block decoder) with, for alpha > 0, LUT's projector, predictor
+    and EMA teacher. forward(img, context) -> (loss, {"mim", "bc"}). The ViT is `self.encoder`."""
+    def __init__(self, encoder, decoder_dim=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.75,
+                 norm_pix=True, alpha=0.25, head_hidden=4096, two_view=False):
+        super().__init__()
+        self.encoder, self.mask_ratio, self.norm_pix, self.alpha, self.two_view = encoder, mask_ratio, norm_pix, alpha, two_view
+        D, p, C = encoder.dim, encoder.patch_size, encoder.in_chans
+        # MAE decoder (parameter names as in MAE's models_mae.py): own width, shared mask token, fixed sin-cos position
+        self.decoder_embed = nn.Linear(D, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.register_buffer("decoder_pos_embed", vit.sincos_pos_embed(decoder_dim, *encoder.grid)[None])
+        self.decoder_blocks = nn.ModuleList(vit.Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_dim, p * p * C)
+        if alpha > 0:  # §3, §5.1: online projector + predictor; the teacher copies encoder + projector (no predictor)
+            self.projector, self.predictor = mlp_head(D, head_hidden), mlp_head(D, head_hidden)
+        for m in [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
+            m.apply(vit.init_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+        if alpha > 0:  # initialised equal to the student, never trained by gradient
+            self.teacher = copy.deepcopy(nn.ModuleDict(dict(encoder=self.encoder, projector=self.projector)))
+            self.teacher.requires_grad_(False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.alpha > 0:
+            self.teacher.eval()  # the teacher is in eval mode for the whole run: its BN uses running statistics
+        return self
+
+    def update_teacher(self, m):
+        """After each optimiser step (dino#102: once per step, not per micro-batch)."""
+        ema_update(self.teacher, nn.ModuleDict(dict(encoder=self.encoder, projector=self.projector)), m)
+
+    def forward_encoder(self, img, ids_keep):
+        """MAE: embed all patches, add position, keep ids_keep (B, N_keep), prepend [cls], blocks, final LN.
+        The encoder never sees a mask token. Returns (B, P + N_keep, D)."""
+        enc = self.encoder
+        x = enc.embed(img) + enc.pos_embed  # (B, N, D)
+        x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, N_keep, D)
+        return enc.norm(enc.run_blocks(enc.prefix(x)))
+
+    def forward_decoder(self, tokens, ids_restore):
+        """(B, P + N_keep, D) encoder tokens -> (B, N, p * p * C) predicted pixels for every patch."""
+        P = self.encoder.num_prefix
+        x = self.decoder_embed(tokens)  # (B, P + N_keep, Dd)
+        x = torch.cat([x[:, :P], restore_order(x[:, P:], self.mask_token, ids_restore) + self.decoder_pos_embed], 1)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, P:]
+
+    def reconstruct(self, img):
+        """MAE's forward: returns (pred (B, N, P), mask (B, N) with 1 = removed, tokens, ids_shuffle)."""
+        N = self.encoder.grid[0] * self.encoder.grid[1]
+        ids_keep, ids_restore, mask = data.random_masking(img.shape[0], N, self.mask_ratio, img.device)
+        tokens = self.forward_encoder(img, ids_keep)
+        return self.forward_decoder(tokens, ids_restore), mask, tokens, ids_restore.argsort(dim=1)
+
+    def online(self, tokens):
+        """eq. 3, online side: mean of the visible PATCH tokens after the final LN ([cls] excluded, Table 4b),
+        projector, predictor. (B, P + N_keep, D) -> (B, D)."""
+        return self.predictor(self.projector(tokens[:, self.encoder.num_prefix:].mean(1)))
+
+    @torch.no_grad()
+    def target(self, view):
+        """eq. 3, target side: the EMA encoder on the WHOLE view (no mask, Table 4e), mean of its N patch
+        tokens, EMA projector; no predictor, no gradient. (B, C, H, W) -> (B, D)."""
+        return self.teacher.projector(self.teacher.encoder(view)[:, self.encoder.num_prefix:].mean(1))
+
+    def forward(self, img, context=None):
+        """img: the reconstruction view; context: the second view, the teacher's input (LUT only)."""
+        pred, mask, tokens, ids_shuffle = self.reconstruct(img)
+        loss = mae_loss(pred, patchify(img, self.encoder.patch_size), mask, self.norm_pix)  # eq. 1
+        if self.alpha == 0:
+            return loss, dict(mim=loss.detach())
+        if not self.two_view:  # eq. 2-3: the masked view's visible tokens vs the full context view
+            bc = broader_context_loss(self.online(tokens), self.target(context))
+        else:  # released code: the context view is masked too, keeping the NEXT N_keep of view 1's random order
+            n_keep = tokens.shape[1] - self.encoder.num_prefix  # (disjoint keep sets); each view's BN pass separate
+            tokens2 = self.forward_encoder(context, ids_shuffle[:, n_keep:2 * n_keep])
+            bc = (broader_context_loss(self.online(tokens), self.target(context))
+                  + broader_context_loss(self.online(tokens2), self.target(img))) / 2  # cross-view, averaged
+        return loss + self.alpha * bc, dict(mim=loss.detach(), bc=bc.detach())
+
+
+def train_flops(model):
+    """Analytic training FLOPs per image: 3x the student's forward (forward + backward) + 1x the no-grad
+    teacher's forward. Heads: 2 linears of D x hidden each."""
+    enc = model.encoder
+    N, P, Dd = enc.grid[0] * enc.grid[1], enc.num_prefix, model.decoder_embed.out_features
+    keep = N - int(model.mask_ratio * N)
+    student = vit.vit_forward_flops(enc, n_tokens=P + keep)
+    decoder = 2 * ((P + keep) * enc.dim * Dd + N * Dd * model.decoder_pred.out_features
+                   + len(model.decoder_blocks) * vit.block_macs(P + N, Dd))
+    if model.alpha == 0:
+        return 3 * (student + decoder)
+    head = 2 * 2 * enc.dim * model.projector[0].out_features
+    views = 2 if model.two_view else 1
+    return 3 * (views * (student + 2 * head) + decoder) + views * (vit.vit_forward_flops(enc) + head)
+
+
+# ---- data hook ----
+
+class Views:
+    """PIL -> (reconstruction view,) or, for LUT, (reconstruction view, context view), each an independent
+    crop. LUT (Table 4f): simple resized crop (SRC); the context view adds colour jitter + three-augment.
+    MAE (--alpha 0) uses its own random resized crop (0.2, 1) by default (Table 4f: SRC costs MAE 0.3 ft)."""
+    def __init__(self, img_size, crop="src", two=True):
+        crop = data.simple_resized_crop(img_size) if crop == "src" else T.Compose([
+            T.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip()])
+        self.recon = T.Compose([crop, data.normalize()])
+        self.context = T.Compose([crop, data.three_augment(), data.normalize()]) if two else None
+
+    def __call__(self, img):
+        return (self.recon(img),) if self.context is None else (self.recon(img), self.context(img))
+
+
+@torch.no_grad()
+def save_figure(model, img, path, seed=0):
+    """Rows: input, masked input, prediction, the visible patches with the prediction in the masked ones. With norm-pix
+    targets the prediction is un-normalised with the input patch's own mean / std, for display only."""
+    p, grid = model.encoder.patch_size, model.encoder.grid
+    with torch.random.fork_rng(devices=[img.device] if img.is_cuda else []):  # fixed masks; training RNG untouched
+        torch.manual_seed(seed)
+        pred, mask, _, _ = model.reconstruct(img)
+    pred, target = pred.float(), patchify(img, p)
+    if model.norm_pix:
+        pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+    m = mask[..., None].expand_as(target)  # 1 = removed
+    mean, std = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
+    show = lambda x: (unpatchify(x, p, grid).cpu() * std + mean).clamp(0, 1)
+    rows = [show(target), show(target * (1 - m)), show(pred), show(target * (1 - m) + pred * m)]
+    save_image(torch.cat(rows), path, nrow=img.shape[0])
+
+
+# ---- training ----
+
+def layer_decay_groups(model, weight_decay, decay):
+    """vit.param_groups split by layer for §5.1's layer-wise lr decay: embedding / tokens layer 0, block i
+    layer i + 1, everything else (final LN, decoder, heads) the full lr; lr_scale = decay^(depth + 1 - layer)."""
+    depth, names = len(model.encoder.blocks), {p: n for n, p in model.named_parameters()}
+    def layer(name):
+        if name.startswith("encoder.blocks."):
+            return int(name.split(".")[2]) + 1
+        return 0 if name.startswith(("encoder.patch_embed", "encoder.cls_token")) else depth + 1
+    groups = []
+    for g in vit.param_groups(model, weight_decay):
+        by_layer = {}
+        for p in g["params"]:
+            by_layer.setdefault(layer(names[p]), []).append(p)
+        groups += [dict(params=ps, weight_decay=g["weight_decay"], lr_scale=decay ** (depth + 1 - l)) for l, ps in by_layer.items()]
+    return groups
+
+
+def scaled_lr(base, batch, rule="linear"):
+    """§5.1 follows MAE: base x batch / 256 (2.4e-3 at 4096). The released code: base x sqrt(batch) / 4,
+    the same at 4096 only (4x larger at 256)."""
+    return base * batch / REF_BATCH if rule == "linear" else base * batch ** 0.5 / 4
+
+
+def train(args):
+    rank, world, device = data.setup(args.seed)
+    cuda = device.type == "cuda"
+    micro, accum = data.batch_split(args.batch_size, world, args.micro_batch or args.batch_size)
+    lr = scaled_lr(args.lr, args.batch_size, args.lr_scaling)
+    encoder = vit.vit(args.model, img_size=args.img_size)
+    model = LUT(encoder, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.mask_ratio, args.norm_pix_loss,
+                args.alpha, args.head_hidden, args.two_view).to(device)
+    opt = torch.optim.AdamW(layer_decay_groups(model, args.weight_decay, args.layer_decay), lr=lr, betas=tuple(args.betas),
+                            **({"fused": True} if cuda else {}))
+    ds = data.Seeded(data.dataset(args.data, "train"), Views(args.img_size, args.crop, args.alpha > 0), args.seed)
+    dl = data.loader(ds, micro, train=True, workers=args.workers, seed=args.seed)
+    per_epoch = len(dl) // accum
+    total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
+    step = 0
+    os.makedirs(args.out, exist_ok=True)
+    ckpt = data.load_checkpoint(args.out)
+    if ckpt is not None:  # auto-resume: weights (teacher and heads included), optimiser, step, RNG
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        data.set_rng_state(ckpt["rng"])
+    if rank == 0:
+        print("args:", "  ".join(f"{k}={v}" for k, v in vars(args).items()))
+        print(f"world {world}  global batch {args.batch_size} = {micro} x {accum} accumulation x {world} processes  "
+              f"lr {lr:.3g} (= {args.lr:g} x " + (f"{args.batch_size}/{REF_BATCH}" if args.lr_scaling == "linear" else
+              f"sqrt({args.batch_size})/4") + "; the paper: 2.4e-3 at 4096)"
+              + f"  {per_epoch} steps/epoch, {total} in all" + (f"  resuming at step {step}" if step else ""))
+        if step == 0:
+            data.log_json(os.path.join(args.out, "log.jsonl"), data.run_info(args, device))
+    if world > 1 and cuda:  # §5.1: SyncBN in the heads (CPU/gloo has none: each process normalises its own batch)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    net = torch.compile(model) if args.compile else model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if cuda else None)
+    flops = train_flops(model)
+    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
+    sums, n_log, t0, last, done = {}, 0, time.time(), None, 0
+
+    def checkpoint():
+        if not all(torch.isfinite(v).item() for v in sums.values()):  # never overwrite the last good one
+            raise SystemExit(f"non-finite loss at step {step}: stopping; {args.out}/checkpoint.pt is the last good state")
+        if rank == 0:
+            data.save_checkpoint(dict(model=model.state_dict(), encoder=model.encoder.state_dict(), optimizer=opt.state_dict(),
+                                      step=step, rng=data.rng_state(), args=vars(args)), args.out)
+
+    net.train()
+    for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start=step):
+        lr_now = data.cosine(step, total, warmup, lr)
+        for g in opt.param_groups:
+            g["lr"] = lr_now * g["lr_scale"]
+        for i, (views, _) in enumerate(micro_batches):
+            views = [t.to(device, non_blocking=True) for t in views]
+            torch.manual_seed(hash((args.seed, step, rank, i)))  # the masks: a pure function of (seed, step, rank, i)
+            sync = contextlib.nullcontext() if world == 1 or i == accum - 1 else net.no_sync()
+            with sync, autocast:
+                loss, terms = net(*views)
+                (loss / accum).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0) + v / accum
+        if args.clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        momentum = ema_momentum(step, total, args.ema_momentum, args.ema_schedule == "cosine")
+        if args.alpha > 0:  # EMA after the optimiser step, once per step
+            model.update_teacher(momentum)
+        step, n_log, done, last = step + 1, n_log + 1, done + 1, views[0]
+        if step % args.log_every == 0 or step == total or done == args.max_steps:
+            vals = {k: v.item() / n_log for k, v in sums.items()}  # one sync per log line
+            if not all(math.isfinite(v) for v in vals.values()):
+                raise SystemExit(f"non-finite loss {vals} at step {step}: stopping without saving; "
+                                 f"{args.out}/checkpoint.pt is the last good state")
+            dt = time.time() - t0
+            ips = n_log * args.batch_size / dt
+            if rank == 0:
+                data.report(dict(epoch=epoch, step=step, loss=vals["mim"] + args.alpha * vals.get("bc", 0.0), **vals, lr=lr_now,
+                                 **({"ema": momentum} if args.alpha > 0 else {}), img_s=ips, tflops=ips * flops / 1e12,
+                                 mfu=vit.mfu(ips * flops / world, device)), args.out)
+            sums, n_log, t0 = {}, 0, time.time()
+        end_of_epoch = step % per_epoch == 0
+        if step % args.save_every == 0 or end_of_epoch or step == total or done == args.max_steps:
+            checkpoint()
+        if end_of_epoch and rank == 0:
+            save_figure(model, last[:8], os.path.join(args.out, f"epoch{epoch:03d}.png"))
+        if done == args.max_steps:
+            break
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return model
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data", default=None, help="ImageNet folder (PATH/train/...) or a folder of images; absent = the built-in demo "
+      "(DemoShapes) with vit_demo at 64 px (patch 8), a 128-wide 2-block decoder, batch 64, 6 epochs (1 warmup), 1 worker")
+    a("--model", default=None, choices=list(vit.CONFIGS), help="encoder; §5.1: vit_s / vit_b / vit_l (default vit_b)")
+    a("--img-size", type=int, default=None, help="§5.1: 224")
+    a("--batch-size", type=int, default=None, help="GLOBAL batch, §5.1: 4096")
+    a("--micro-batch", type=int, default=128, help="most images per GPU per forward; accumulation reaches --batch-size")
+    a("--lr", type=float, default=1.5e-4, help="base lr per 256 images, §5.1: 1.5e-4 (2.4e-3 at batch 4096)")
+    a("--lr-scaling", default="linear", choices=["linear", "sqrt"], help="lr = base x batch/256 (MAE, the paper's "
+      "protocol); released code: sqrt, base x sqrt(batch) / 4: equal at 4096 only, 4x larger at 256")
+    a("--epochs", type=int, default=None, help="§5.1: 1600 (ablations, Table 4: 400)")
+    a("--warmup-epochs", type=int, default=None, help="§5.1: 40, linear from 0, then half-cosine to 0 per step")
+    a("--weight-decay", type=float, default=0.05, help="AdamW, none on biases, norms and tokens (MAE)")
+    a("--betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW betas: §5.1 (0.9, 0.999); released code and "
+      "MAE: 0.9 0.95")
+    a("--layer-decay", type=float, default=0.65, help="layer-wise lr decay in pre-training as §5.1 states (0.65); the "
+      "released code and MAE use none: 1.0")
+    a("--clip-grad", type=float, default=0.0, help="gradient-norm clip; 0 = none (MAE and the released code)")
+    a("--mask-ratio", type=float, default=0.75, help="r in §2.1, |M| = floor(rN); §5.1: 0.75")
+    a("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True, help="eq. 1 target: each patch normalised "
+      "(MAE's norm_pix_loss; the released models used it)")
+    a("--decoder-dim", type=int, default=None, help="MAE decoder width: 512 (demo 128)")
+    a("--decoder-depth", type=int, default=None, help="§5.1: 8 blocks (demo 2)")
+    a("--decoder-heads", type=int, default=None, help="MAE: 16 (demo 4)")
+    a("--alpha", type=float, default=0.25, help="eq. 3 weight of L_BC: 0.25 for ViT-B (§5.1, Table B); the paper uses "
+      "1.0 for ViT-S; 0 = plain MAE (no teacher, no heads)")
+    a("--ema-momentum", type=float, default=0.996, help="teacher momentum tau per optimiser step, §5.1: 0.996")
+    a("--ema-schedule", default="const", choices=["const", "cosine"], help="const: tau at every step (§5.1); released "
+      "code: cosine from tau to 1")
+    a("--head-hidden", type=int, default=4096, help="projector / predictor hidden width, §5.1: 4096")
+    a("--two-view", action="store_true", help="released code: the context view is masked too (the next 25%% of view 1's "
+      "random order, disjoint), both views through the student, cross-view L_BC averaged: 2.65x MAE's training FLOPs at "
+      "ViT-B against 1.6x for the paper's LUT")
+    a("--crop", default=None, choices=["src", "rrc"], help="Table 4f: src (simple resized crop) for LUT; default for "
+      "--alpha 0 is MAE's rrc (0.2, 1)")
+    a("--out", default="runs/lut", help="output folder: log.jsonl, checkpoint.pt (auto-resumed), figures")
+    a("--workers", type=int, default=None, help="data-loader processes per GPU (default 8; demo 1)")
+    a("--seed", type=int, default=0)
+    a("--log-every", type=int, default=20, help="optimiser steps per log line")
+    a("--save-every", type=int, default=1000, help="optimiser steps per checkpoint (also at each epoch end)")
+    a("--max-steps", type=int, default=None, help="stop after this many optimiser steps in this invocation")
+    a("--compile", action="store_true", help="torch.compile the model")
+    args = p.parse_args(argv)
+    paper = dict(model="vit_b", img_size=224, batch_size=4096, epochs=1600, warmup_epochs=40, decoder_dim=512,
+                 decoder_depth=8, decoder_heads=16, workers=8)
+    demo = dict(model="vit_demo", img_size=64, batch_size=64, epochs=6, warmup_epochs=1, decoder_dim=128,
+                decoder_depth=2, decoder_heads=4, workers=1)
+    for k, v in (paper if args.data else demo).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.crop = args.crop or ("src" if args.alpha > 0 else "rrc")
+    if not 0 < args.mask_ratio < 1:
+        p.error(f"--mask-ratio must lie in (0, 1) (got {args.mask_ratio})")
+    if args.two_view and args.mask_ratio < 0.5:
+        p.error(f"--two-view needs --mask-ratio >= 0.5 for two disjoint keep sets (got {args.mask_ratio})")
+    if args.alpha < 0:
+        p.error(f"--alpha must be >= 0 (got {args.alpha})")
+    if not 0 <= args.ema_momentum <= 1:
+        p.error(f"--ema-momentum must lie in [0, 1] (got {args.ema_momentum})")
+    if not 0 < args.layer_decay <= 1:
+        p.error(f"--layer-decay must lie in (0, 1] (got {args.layer_decay})")
+    if args.img_size % vit.CONFIGS[args.model]["patch_size"]:
+        p.error(f"--img-size {args.img_size} is not divisible by {args.model}'s patch size")
+    if args.warmup_epochs > args.epochs:
+        p.error(f"--warmup-epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")
+    return args
+
+
+def main(argv=None):
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

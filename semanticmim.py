@@ -142,7 +142,9 @@ class SemanticMIM(nn.Module):
         self.cross = nn.ModuleList(vit.Block(D, heads) for _ in enc.blocks) if proxies else nn.ModuleList()
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         K = enc.in_chans * (hog_bins * (p // hog_cell) ** 2 if target == "hog" else p * p)
-        self.head = nn.Linear(D, K)  # MaskFeat: a linear head on the encoder's final LayerNorm
+        # MaskFeat: a linear head on the encoder's final LayerNorm; the [MASK] stream shares that norm, as it
+        # does in the vanilla baseline (the paper does not say: our decision)
+        self.head = nn.Linear(D, K)
         self.cross.apply(vit.init_weights)
         self.head.apply(vit.init_weights)
         nn.init.trunc_normal_(self.mask_token, std=0.02)

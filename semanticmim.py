@@ -158,8 +158,9 @@ class SemanticMIM(nn.Module):
             return patch_targets(img.float(), p)  # the patch's normalised pixels, [channel, row, column]
 
     def tokens(self, img, mask):
-        """Run the encoder. Returns (h, m): h (B, P + L0, D) [PROXY, IMG] outputs and m (B, L2, D) [MASK]
-        outputs with ids_mask (B, L2) their patch indices; for proxies = 0, h (B, 1 + N, D) and m = None."""
+        """Run the encoder; mask (B, N) bool, True = masked, exactly n_mask per row. Returns (h, m, ids_mask):
+        h (B, P + L0, D) [PROXY, IMG] outputs, m (B, L2, D) [MASK] outputs, ids_mask (B, L2) their patch
+        indices; for proxies = 0, h (B, 1 + N, D) the joint sequence and m = ids_mask = None."""
         enc = self.encoder
         x = enc.embed(img)  # (B, N, D)
         if not self.proxies:  # eq. 2: a masked patch's embedding is replaced by the [MASK] token

@@ -163,6 +163,18 @@ def test_demo_lowers_loss_and_resume_is_exact(tmp_path):
     assert all(torch.equal(ca["encoder"][k], ca["model"]["encoder." + k]) for k in ca["encoder"])
 
 
+def test_accumulation_equals_big_batch_and_nan_stops(tmp_path, monkeypatch):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    S.main(TINY + ["--out", a, "--max-steps", "2"])
+    S.main(TINY + ["--out", b, "--max-steps", "2", "--micro-batch", "2"])  # 4 micro-batches of 2 = 1 of 8
+    ca, cb = (torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True)["model"] for d in (a, b))
+    assert all(torch.allclose(ca[k], cb[k], atol=1e-6) for k in ca)
+    monkeypatch.setattr(S, "mim_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(SystemExit, match="non-finite"):
+        S.main(TINY + ["--out", str(tmp_path / "c"), "--max-steps", "2"])
+    assert not (tmp_path / "c" / "checkpoint.pt").exists()
+
+
 def test_parse_errors_and_defaults():
     args = S.parse_args(["--data", "/x"])
     assert (args.model, args.img_size, args.batch_size, args.epochs, args.mask_ratio, args.lr) == ("vit_b", 224, 2048, 300, 0.6, 1.6e-3)

@@ -223,13 +223,14 @@ def data_hook(args, model):
 
 
 def save_figure(model, path, img):
-    """One row per image: the image, then each proxy's (or the [CLS]'s) attention map, each scaled to [0, 1]."""
+    """One row per image: the image, then each proxy's (or the [CLS]'s) attention map, each min-max scaled."""
     was = model.training
     model.eval()
     with torch.no_grad():
         a = proxy_attention(model.encoder, img).float()  # (B, P, gh, gw)
     model.train(was)
-    a = a / a.flatten(2).amax(-1)[..., None, None].clamp_min(1e-12)
+    lo, hi = a.flatten(2).amin(-1)[..., None, None], a.flatten(2).amax(-1)[..., None, None]
+    a = (a - lo) / (hi - lo).clamp_min(1e-12)  # min-max per map: early in training the maps are near uniform
     a = F.interpolate(a, size=img.shape[-2:], mode="nearest")[:, :, None].expand(-1, -1, 3, -1, -1)
     mean, std = (torch.tensor(v, device=img.device).view(1, 3, 1, 1) for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
     rows = torch.cat([(img * std + mean).clamp(0, 1)[:, None], a], dim=1)  # (B, 1 + P, 3, H, W)

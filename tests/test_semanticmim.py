@@ -107,6 +107,7 @@ def test_app_c_flop_claims():
     assert paper(78, 11, 118) < 0.99 * van(197)  # "equal at L1 = 11" does not hold (-1.13 %) ...
     assert paper(78, 13, 118) < van(197) < paper(78, 14, 118)  # ... it is L1 = 13
     assert S.semanticmim_block_cost(64, D, 78, 8, 118) == 64 * paper(78, 8, 118)
+    assert round(12 * sum(p.numel() for p in vit.Block(D, 12).parameters()) / 1e6) == 85  # §3.3: ~85 M extra
     real = S.semanticmim_block_macs(78, 8, 118, D)  # the formula omits the output projection and one K/V
     assert real - paper(78, 8, 118) == (118 + 8) * D * D and round(100 * (real / van(197) - 1), 1) == 2.3
 

@@ -1,0 +1,394 @@
+"""SemanticMIM: masked image modelling through a few [PROXY] tokens (semanticmim.txt §3.3, App. C, App. E).
+
+The vanilla MIM encoder (eq. 2) runs [IMG] and [MASK] tokens in one sequence, so a [MASK] token can copy
+its neighbours. SemanticMIM cuts that path: in every layer the [IMG] tokens and L1 position-free [PROXY]
+tokens run a normal block (eq. 3, "compression"), then the [MASK] tokens cross-attend to the proxies and
+to each other (eq. 4, "reconstruction"). Everything the [MASK] tokens learn about the image passes the
+proxies. The cross-attention blocks exist only during pretraining; the exported encoder is a plain
+vit.ViT whose prefix tokens are the proxies.
+
+    torchrun --nproc_per_node=8 semanticmim.py --model vit_b --data /imagenet               # 8 proxies, ratio 0.6
+    torchrun --nproc_per_node=8 semanticmim.py --model vit_b --data /imagenet --proxies 0   # vanilla MIM, ratio 0.4
+    python semanticmim.py                                                                   # CPU demo, a few minutes
+
+Target: MaskFeat's HOG (the paper's MaskFeat column, the default). BEiT's column needs the DALL-E dVAE
+tokenizer (8192 codes), whose weights cannot ship here: it is not implemented.
+"""
+import argparse
+import contextlib
+import functools
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.utils import save_image
+
+import data
+import vit
+
+REF_BATCH = 2048  # App. E, Table 2: the batch the paper's learning rate belongs to
+
+
+# ---- targets (MaskFeat's HOG, §4.1) ----
+
+def hog(img, bins=9, cell=8, window=0):
+    """MaskFeat's HOG of a mean/std-normalised image: (B, C, H, W) -> (B, C, bins, H/cell, W/cell).
+    Per channel: 3 x 3 Sobel (reflect pad 1); unsigned orientation in `bins` bins of 180/bins degrees,
+    measured from the image's y axis as MaskFeat's code does (atan2(gx, gy)): a vertical edge lands in
+    bin 4, a horizontal one in bin 0; votes weighted by gradient magnitude, summed over cell x cell
+    pixels; each cell's histogram L2-normalised. `window` > 0 weights the magnitudes by a Gaussian of
+    that size tiled over the image (MaskFeat's released code uses 16; the paper does not say)."""
+    B, C, H, W = img.shape
+    sobel = img.new_tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
+    x = F.pad(img, (1, 1, 1, 1), mode="reflect")
+    gx = F.conv2d(x, sobel.expand(C, 1, 3, 3), groups=C)  # (B, C, H, W)
+    gy = F.conv2d(x, sobel.t().expand(C, 1, 3, 3), groups=C)
+    mag = torch.sqrt(gx ** 2 + gy ** 2)
+    if window:
+        g = torch.signal.windows.gaussian(window, std=window / 2, device=img.device)
+        mag = mag * (g[:, None] * g[None]).repeat(H // window, W // window)
+    b = (torch.atan2(gx, gy) / math.pi * bins).floor().long() % bins  # [-pi, pi] -> 2 x bins, folded to bins
+    votes = mag.new_zeros(B, C, bins, H, W).scatter_add_(2, b[:, :, None], mag[:, :, None])
+    cells = F.avg_pool2d(votes.flatten(1, 2), cell) * cell ** 2  # sums over cells: (B, C * bins, H/c, W/c)
+    return F.normalize(cells.view(B, C, bins, H // cell, W // cell), dim=2)
+
+
+def patch_targets(feat, patch_cells):
+    """(B, K, gh * k, gw * k) per-cell features -> (B, N, K * k * k) per patch (k = patch_cells cells per
+    patch side), in MaskFeat's order [channel, bin, row, column]; N row-major over the patch grid."""
+    B, K, h, w = feat.shape
+    k = patch_cells
+    return feat.view(B, K, h // k, k, w // k, k).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // k) * (w // k), K * k * k)
+
+
+# ---- the paper's pieces ----
+
+def vanilla_layer(block, h):
+    # eq. 2: [IMG] and [MASK] (and the baseline's one [CLS]) in one sequence, joint self-attention + MLP
+    return block(h)
+
+
+def semanticmim_layer(block, cross, h, m, n_proxy):
+    # eq. 3: self-attention + MLP over [PROXY, IMG] only; h (B, L1 + L0, D), proxies first
+    h = block(h)
+    # eq. 4: [MASK] queries m (B, L2, D); keys / values [h_PROXY^(i+1) (this layer's output), h_MASK^i]
+    m = cross(m, context=torch.cat([h[:, :n_proxy], m], dim=1))
+    return h, m
+
+
+def mim_loss(pred, target, mask, l1=False):
+    # eq. 1: mean over the masked patches (mask 1 = masked, 0 = visible) of the per-element error;
+    # MSE is MaskFeat's loss (§3.1 says HOG uses l1: MaskFeat's paper and code use l2)
+    err = (pred - target).abs() if l1 else (pred - target) ** 2  # (B, N, K)
+    return (err.mean(-1) * mask).sum() / mask.sum()
+
+
+def mask_count(n_patches, ratio):
+    """Masked patches per image: round(ratio * N); 118 of 196 at 0.6 (App. C's L2), 78 of 196 at 0.4."""
+    return round(ratio * n_patches)
+
+
+def random_patch_mask(n_patches, n_mask):
+    """Random per-patch mask (§4.3: not block-wise): (N,) bool with exactly n_mask True (True = masked)."""
+    mask = torch.zeros(n_patches, dtype=torch.bool)
+    mask[torch.randperm(n_patches)[:n_mask]] = True
+    return mask
+
+
+# ---- App. C: cost per block (multiply-adds; B images) ----
+
+def vanilla_block_cost(B, L, D):
+    # App. C: a standard block over L tokens: attention 4BLD^2 + 2BL^2D, MLP 8BLD^2
+    return B * (12 * L * D * D + 2 * L * L * D)
+
+
+def semanticmim_block_cost(B, D, L0, L1, L2):
+    # App. C, the paper's formula for L0 [IMG], L1 [PROXY], L2 [MASK]. It reproduces "-2.8 % in training"
+    # against a vanilla block of 197 tokens (196 + [CLS]; -2.29 % vs 196); "+3.7 % at inference" is a plain
+    # block at 204 vs 197 tokens (this formula at L2 = 0 gives +4.03 %). "Equal cost at L1 = 11" does not
+    # reproduce: break-even is L1 = 13.0 (vs 197; 12.1 vs 196). The formula also leaves out L2 D^2 (the
+    # cross-attention's output projection) and L1 D^2 (the proxies' second K/V projection): the real
+    # modules cost semanticmim_block_macs, +2.3 % vs vanilla at 197 tokens.
+    return B * (12 * (L0 + L1) * D * D + 2 * (L0 + L1) ** 2 * D + 11 * L2 * D * D + L1 * D * D
+                + 2 * L1 * L2 * D + 2 * L2 ** 2 * D)
+
+
+def semanticmim_block_macs(L0, L1, L2, D):
+    """What the real block computes per image (checked with FlopCounterMode): eq. 3 + eq. 4."""
+    return vit.block_macs(L0 + L1, D) + vit.block_macs(L2, D, Lkv=L1 + L2)
+
+
+# ---- the model ----
+
+class SemanticMIM(nn.Module):
+    """Encoder (vit.ViT, prefix = proxies, or one [CLS] when proxies = 0) + per-layer cross-attention
+    blocks (training only) + a shared [MASK] token + a linear head to the target. proxies = 0 is the
+    vanilla MIM of eq. 2. forward(img (B, C, H, W), mask (B, N) bool, True = masked) -> (loss, terms)."""
+    def __init__(self, model="vit_b", img_size=224, proxies=8, mask_ratio=0.6, target="hog", hog_bins=9,
+                 hog_cell=8, hog_window=0, l1=False, drop_path=0.0):
+        super().__init__()
+        # the proxies are "multiple [CLS] tokens" (§4.1): each drawn independently, trunc-normal 0.02, no position
+        self.encoder = vit.vit(model, img_size, prefix_tokens=max(proxies, 1), drop_path=drop_path)
+        enc = self.encoder
+        D, N, p = enc.dim, enc.grid[0] * enc.grid[1], enc.patch_size
+        self.proxies, self.n_mask, self.target, self.l1 = proxies, mask_count(N, mask_ratio), target, l1
+        self.hog_args = dict(bins=hog_bins, cell=hog_cell, window=hog_window)
+        heads = enc.blocks[0].attn.heads
+        # eq. 4's cross-attention + MLP, one per layer (~85 M parameters at ViT-B), dropped after pretraining
+        self.cross = nn.ModuleList(vit.Block(D, heads) for _ in enc.blocks) if proxies else nn.ModuleList()
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
+        K = enc.in_chans * (hog_bins * (p // hog_cell) ** 2 if target == "hog" else p * p)
+        # MaskFeat: a linear head on the encoder's final LayerNorm; the [MASK] stream shares that norm, as it
+        # does in the vanilla baseline (the paper does not say: our decision)
+        self.head = nn.Linear(D, K)
+        self.cross.apply(vit.init_weights)
+        self.head.apply(vit.init_weights)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def targets(self, img):
+        """(B, C, H, W) normalised image -> (B, N, K) per-patch targets, in fp32 and without gradient."""
+        p = self.encoder.patch_size
+        with torch.no_grad(), torch.autocast(img.device.type, enabled=False):
+            if self.target == "hog":
+                return patch_targets(hog(img.float(), **self.hog_args).flatten(1, 2), p // self.hog_args["cell"])
+            return patch_targets(img.float(), p)  # the patch's normalised pixels, [channel, row, column]
+
+    def tokens(self, img, mask):
+        """Run the encoder; mask (B, N) bool, True = masked, exactly n_mask per row. Returns (h, m, ids_mask):
+        h (B, P + L0, D) [PROXY, IMG] outputs, m (B, L2, D) [MASK] outputs, ids_mask (B, L2) their patch
+        indices; for proxies = 0, h (B, 1 + N, D) the joint sequence and m = ids_mask = None."""
+        enc = self.encoder
+        x = enc.embed(img)  # (B, N, D)
+        if not self.proxies:  # eq. 2: a masked patch's embedding is replaced by the [MASK] token
+            x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x) + enc.pos_embed
+            h = enc.prefix(x)
+            for blk in enc.blocks:
+                h = vanilla_layer(blk, h)
+            return h, None, None
+        B, N, D = x.shape
+        ids = mask.int().argsort(dim=1, stable=True)  # visible first, then masked, each in patch order
+        ids_keep, ids_mask = ids[:, :N - self.n_mask], ids[:, N - self.n_mask:]
+        pos = enc.pos_embed.expand(B, -1, -1)
+        h = enc.prefix(torch.gather(x + pos, 1, ids_keep[..., None].expand(-1, -1, D)))  # [PROXY, IMG]
+        m = self.mask_token + torch.gather(pos, 1, ids_mask[..., None].expand(-1, -1, D))  # [MASK] + position
+        for blk, cross in zip(enc.blocks, self.cross):
+            h, m = semanticmim_layer(blk, cross, h, m, self.proxies)
+        return h, m, ids_mask
+
+    def forward(self, img, mask):
+        h, m, ids_mask = self.tokens(img, mask)
+        target = self.targets(img)  # (B, N, K)
+        if m is None:
+            pred = self.head(self.encoder.norm(h[:, 1:]))  # (B, N, K); only masked rows enter the loss
+        else:  # put the [MASK] predictions back on the patch grid; visible rows stay 0 and are not counted
+            pm = self.head(self.encoder.norm(m)).float()  # (B, L2, K)
+            pred = pm.new_zeros(target.shape).scatter(1, ids_mask[..., None].expand_as(pm), pm)
+        loss = mim_loss(pred.float(), target, mask.float(), self.l1)
+        return loss, {f"loss_{self.target}": loss.detach()}
+
+    def train_flops(self):
+        """Training FLOPs per image: 3 x the forward (forward + 2 x backward), analytic."""
+        enc, L2 = self.encoder, self.n_mask
+        N, D, K = enc.grid[0] * enc.grid[1], enc.dim, self.head.out_features
+        if not self.proxies:
+            return 3 * (vit.vit_forward_flops(enc) + 2 * N * D * K)
+        fwd = vit.vit_forward_flops(enc, n_tokens=N - L2 + self.proxies) + 2 * len(enc.blocks) * vit.block_macs(L2, D, Lkv=self.proxies + L2)
+        return 3 * (fwd + 2 * L2 * D * K)
+
+
+def proxy_attention(encoder, img, upto=None):
+    """Figs. 8-9: each prefix token's attention over the patches in block `upto` (default the last), averaged
+    over heads, of the plain encoder on the whole image (as at inference): (B, P, gh, gw)."""
+    _, attns = encoder(img, upto=upto, norm=False, return_attn=True)
+    P = encoder.num_prefix
+    return attns[-1][:, :, :P, P:].mean(1).reshape(img.shape[0], P, *encoder.grid)
+
+
+# ---- data hook ----
+
+def masked_view(img, crop, n_patches, n_mask):
+    return crop(img), random_patch_mask(n_patches, n_mask)
+
+
+def data_hook(args, model):
+    """App. E, Table 2 (MaskFeat): random resized crop scale (0.5, 1), flip 0.5, no colour jitter; plus the
+    per-image random mask, drawn here so each sample is a pure function of (seed, epoch, index)."""
+    enc = model.encoder
+    crop = data.crop_flip(args.img_size, scale=(args.crop_min, 1.0))
+    return functools.partial(masked_view, crop=crop, n_patches=enc.grid[0] * enc.grid[1], n_mask=model.n_mask)
+
+
+def save_figure(model, path, img):
+    """One row per image: the image, then each proxy's (or the [CLS]'s) attention map, each min-max scaled."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        a = proxy_attention(model.encoder, img).float()  # (B, P, gh, gw)
+    model.train(was)
+    lo, hi = a.flatten(2).amin(-1)[..., None, None], a.flatten(2).amax(-1)[..., None, None]
+    a = (a - lo) / (hi - lo).clamp_min(1e-12)  # min-max per map: early in training the maps are near uniform
+    a = F.interpolate(a, size=img.shape[-2:], mode="nearest")[:, :, None].expand(-1, -1, 3, -1, -1)
+    mean, std = (torch.tensor(v, device=img.device).view(1, 3, 1, 1) for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
+    rows = torch.cat([(img * std + mean).clamp(0, 1)[:, None], a], dim=1)  # (B, 1 + P, 3, H, W)
+    save_image(rows.flatten(0, 1), path, nrow=rows.shape[1], padding=2)
+
+
+# ---- training ----
+
+def train(args):
+    rank, world, device = data.setup(args.seed)
+    micro, accum = data.batch_split(args.batch_size, world, args.micro_batch)
+    lr = args.lr * args.batch_size / REF_BATCH
+    model = SemanticMIM(args.model, args.img_size, args.proxies, args.mask_ratio, args.target, args.hog_bins,
+                        args.hog_cell, args.hog_window, args.loss == "l1", args.drop_path).to(device)
+    ds = data.Seeded(data.dataset(args.data, "train"), data_hook(args, model), args.seed)
+    dl = data.loader(ds, micro, workers=args.workers, seed=args.seed)
+    per_epoch = len(dl) // accum
+    total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
+    flops = model.train_flops()
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        print("\n".join(f"  {k}: {v}" for k, v in vars(args).items()))
+        print(f"world {world}, global batch {args.batch_size} = {micro} x {accum} accumulation x {world} processes; "
+              f"lr {args.lr:g} at batch {REF_BATCH} -> {lr:g}; {per_epoch} steps/epoch, {total} steps; "
+              f"{model.n_mask} of {model.encoder.grid[0] * model.encoder.grid[1]} patches masked; "
+              f"{flops / 1e9:.3g} GFLOP per training image")
+    opt = torch.optim.AdamW(vit.param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                            fused=device.type == "cuda")
+    start, ckpt = 0, data.load_checkpoint(args.out)
+    if ckpt is not None:  # auto-resume: weights, optimiser, step and RNG
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start = ckpt["step"]
+        data.set_rng_state(ckpt["rng"])
+        if rank == 0:
+            print(f"resumed from {args.out}/checkpoint.pt at step {start}")
+    elif rank == 0:
+        data.log_json(os.path.join(args.out, "log.jsonl"), data.run_info(args, device))
+    ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
+    fwd = torch.compile(ddp) if args.compile else ddp
+    fig_img = torch.stack([data.center_crop(args.img_size)(ds.base[i][0]) for i in range(4)]).to(device)
+
+    def checkpoint(step, running):
+        if not torch.isfinite(running):
+            raise SystemExit(f"non-finite loss before step {step}: stopping, {args.out}/checkpoint.pt is the last good one")
+        if rank == 0:
+            data.save_checkpoint(dict(model=model.state_dict(), encoder=model.encoder.state_dict(), optimizer=opt.state_dict(),
+                                      step=step, rng=data.rng_state(), args=vars(args)), args.out)
+
+    running, n_log, t0, step = torch.zeros((), device=device), 0, time.time(), start
+    for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start):
+        if args.max_steps and step >= start + args.max_steps:
+            break
+        for g in opt.param_groups:
+            g["lr"] = data.cosine(step, total, warmup, lr, args.min_lr)
+        for i, ((img, mask), _) in enumerate(micro_batches):
+            img, mask = img.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            sync = world == 1 or i == accum - 1  # DDP all-reduces only on the last micro-batch
+            with contextlib.nullcontext() if sync else ddp.no_sync():
+                with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+                    loss, terms = fwd(img, mask)
+                (loss / accum).backward()
+            running += loss.detach() / accum
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        n_log += 1
+        done = step + 1
+        if done % args.log_every == 0 or done == total:
+            avg = running / n_log
+            if world > 1:
+                torch.distributed.all_reduce(avg)
+                avg /= world
+            if not torch.isfinite(avg):
+                raise SystemExit(f"non-finite loss at step {done}: stopping, {args.out}/checkpoint.pt is the last good one")
+            dt = time.time() - t0
+            ips = n_log * args.batch_size / dt
+            mfu = vit.mfu(flops * ips / world, device)
+            if rank == 0:
+                data.report(dict(epoch=epoch, step=done, **{f"loss_{args.target}": avg.item()}, lr=opt.param_groups[0]["lr"],
+                                 img_s=ips, tflop_s=flops * ips / 1e12, mfu=mfu), args.out)
+            running, n_log, t0 = torch.zeros((), device=device), 0, time.time()
+        if done % args.save_every == 0 or done % per_epoch == 0 or done == total:
+            checkpoint(done, running)
+        if done % per_epoch == 0 and rank == 0:
+            save_figure(model, os.path.join(args.out, f"proxy_attention_epoch{epoch:03d}.png"), fig_img)
+    else:
+        step = total  # the loop ran to the end; the last step was saved above
+    if step < total and step % args.save_every and step % per_epoch:
+        checkpoint(step, running)  # stopped by --max-steps between save points
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return model
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="Without --data: the demo (DemoShapes, --model vit_demo, --img-size 64, --batch-size 64, "
+                                       "--epochs 5, --warmup-epochs 1); every other default is the paper's (App. E, Table 2, MaskFeat column).")
+    a = p.add_argument
+    a("--data", default=None, help="ImageNet folder (PATH/train/...) or a folder of images; absent: the built-in demo")
+    a("--model", default=None, choices=list(vit.CONFIGS), help="ViT size; the paper: vit_b (§4.1). Default vit_b, vit_demo for the demo")
+    a("--img-size", type=int, default=None, help="input size; the paper: 224 (§4.1). Default 224, 64 for the demo")
+    a("--batch-size", type=int, default=None, help="GLOBAL batch over all GPUs and accumulation; Table 2: 2048 (64 for the demo)")
+    a("--micro-batch", type=int, default=128, help="largest per-GPU batch; accumulation makes up the rest")
+    a("--lr", type=float, default=1.6e-3, help="peak lr at batch 2048 (Table 2, MaskFeat; BEiT: 1.5e-3), scaled linearly to --batch-size")
+    a("--min-lr", type=float, default=1e-6, help="final cosine lr (Table 2: 1e-6 MaskFeat, 1e-5 BEiT)")
+    a("--epochs", type=int, default=None, help="§4.1: 300 (Table 2's row is garbled); 5 for the demo")
+    a("--warmup-epochs", type=int, default=None, help="linear warmup (Table 2: 30 MaskFeat, 10 BEiT); 1 for the demo")
+    a("--weight-decay", type=float, default=0.05, help="AdamW weight decay (Table 2: 0.05); none on norms, biases, tokens")
+    a("--clip-grad", type=float, default=0.02, help="gradient-norm clip (Table 2: 0.02 MaskFeat, 3.0 BEiT)")
+    a("--drop-path", type=float, default=0.0, help="stochastic depth (Table 2's value is garbled; MaskFeat pretrains with 0)")
+    a("--crop-min", type=float, default=0.5, help="random resized crop scale (crop-min, 1) (Table 2: 0.5 MaskFeat, 0.08 BEiT)")
+    a("--proxies", type=int, default=8, help="L1, the [PROXY] tokens (§4.1: 8, Fig. 5); 0 = the vanilla MIM of eq. 2 with one [CLS]")
+    a("--mask-ratio", type=float, default=None, help="masked share of patches (§4.1: 0.6 with proxies, 0.4 for the vanilla baseline)")
+    a("--target", default="hog", choices=["hog", "pixels"], help="hog: MaskFeat's (the paper's MaskFeat column); pixels: normalised pixels (ours)")
+    a("--loss", default="mse", choices=["mse", "l1"], help="MaskFeat uses mse; §3.1 claims l1 for HOG (it is wrong about MaskFeat)")
+    a("--hog-bins", type=int, default=9, help="HOG orientation bins over 180 degrees (MaskFeat: 9)")
+    a("--hog-cell", type=int, default=8, help="HOG cell size in pixels (MaskFeat: 8, i.e. 2 x 2 cells per 16 px patch)")
+    a("--hog-window", type=int, default=0, help="Gaussian window over the HOG magnitudes; MaskFeat's released code: 16 (the paper: none said)")
+    a("--out", default="runs/semanticmim", help="output folder: log.jsonl, checkpoint.pt (auto-resumed), figures")
+    a("--workers", type=int, default=8, help="data-loader workers per process")
+    a("--seed", type=int, default=0)
+    a("--log-every", type=int, default=50, help="optimiser steps between progress lines")
+    a("--save-every", type=int, default=1000, help="optimiser steps between checkpoints (also at each epoch end)")
+    a("--max-steps", type=int, default=0, help="stop after this many optimiser steps in this invocation (tests, smoke runs)")
+    a("--compile", action="store_true", help="torch.compile the model")
+    args = p.parse_args(argv)
+    demo = args.data is None
+    for k, paper, small in (("model", "vit_b", "vit_demo"), ("img_size", 224, 64), ("batch_size", 2048, 64), ("epochs", 300, 5),
+                             ("warmup_epochs", 30, 1)):
+        if getattr(args, k) is None:
+            setattr(args, k, small if demo else paper)
+    if args.mask_ratio is None:
+        args.mask_ratio = 0.6 if args.proxies else 0.4
+    cfg = vit.CONFIGS[args.model]
+    if args.img_size % cfg["patch_size"]:
+        p.error(f"--img-size {args.img_size} is not divisible by {args.model}'s patch size {cfg['patch_size']}")
+    n = (args.img_size // cfg["patch_size"]) ** 2
+    if not 0 < mask_count(n, args.mask_ratio) < n:
+        p.error(f"--mask-ratio {args.mask_ratio} masks none or all of the {n} patches")
+    if args.proxies < 0:
+        p.error("--proxies must be >= 0")
+    if args.target == "hog" and cfg["patch_size"] % args.hog_cell:
+        p.error(f"--hog-cell {args.hog_cell} must divide the patch size {cfg['patch_size']}")
+    if args.hog_window and args.img_size % args.hog_window:
+        p.error(f"--hog-window {args.hog_window} must divide --img-size {args.img_size}")
+    for k in ("batch_size", "micro_batch", "epochs", "log_every", "save_every", "hog_bins"):
+        if getattr(args, k) <= 0:
+            p.error(f"--{k.replace('_', '-')} must be positive")
+    if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
+        p.error(f"--warmup-epochs {args.warmup_epochs} must lie in [0, --epochs {args.epochs}]")
+    return args
+
+
+def main(argv=None):
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -197,7 +197,7 @@ def save_scores(model, imgs, path):
     heat = F.interpolate(s.float(), size=imgs.shape[-2:], mode="nearest")
     mean, std = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
     img = (imgs.cpu() * std + mean).clamp(0, 1)
-    save_image(torch.cat([img, img * (0.1 + 0.9 * heat.cpu())]), path, nrow=len(imgs))
+    save_image(torch.cat([img, img * (0.3 + 0.7 * heat.cpu())]), path, nrow=len(imgs))
     model.train()
 
 
@@ -236,7 +236,8 @@ def train(args, cache=None):
     ck, start = data.load_checkpoint(args.out), 0
     if ck is not None:  # auto-resume: head, optimiser, step, RNG
         missing, unexpected = model.load_state_dict(ck["model"], strict=False)
-        assert not unexpected and all(k.startswith("encoder.") for k in missing), (missing, unexpected)
+        if unexpected or not all(k.startswith("encoder.") for k in missing):
+            raise ValueError(f"{args.out}/checkpoint.pt is not this probe's head: missing {missing}, unexpected {unexpected}")
         opt.load_state_dict(ck["optimizer"])
         start = ck["step"]
         data.set_rng_state(ck["rng"])
@@ -251,6 +252,7 @@ def train(args, cache=None):
               f"{per_epoch} steps/epoch, {total} steps", flush=True)
     amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     loss_sum, n_img, t0, done, result, step = torch.zeros((), device=device), 0, time.time(), 0, None, start - 1
+    last_log = start
 
     def check_finite():
         if not torch.isfinite(loss_sum):
@@ -281,11 +283,11 @@ def train(args, cache=None):
         if (step + 1) % args.log_every == 0 and rank == 0:
             check_finite()
             dt = time.time() - t0
-            data.report(dict(epoch=epoch, step=step + 1, loss=loss_sum.item() / args.log_every, lr=lr_now,
+            data.report(dict(epoch=epoch, step=step + 1, loss=loss_sum.item() / (step + 1 - last_log), lr=lr_now,
                              img_s=n_img / dt, tflops=flops * n_img / dt / 1e12 if flops else None,
                              mfu=vit.mfu(flops * n_img / dt, device) if flops else None), args.out)
             loss_sum.zero_()
-            n_img, t0 = 0, time.time()
+            n_img, t0, last_log = 0, time.time(), step + 1
         epoch_end = (step + 1) % per_epoch == 0
         if epoch_end or step + 1 == total or done == args.max_steps:
             result = evaluate(model, val_dl, device)

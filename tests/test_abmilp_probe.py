@@ -16,6 +16,15 @@ import vit
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops: one thread is several times faster than two on a shared, loaded CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_abmilp_pool_eq6():
     z = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # (B=1, N=2, D=2)
     pooled, s = ap.abmilp_pool(z, torch.tensor([[0.0, math.log(3.0)]]))  # s = (1/4, 3/4) by hand
@@ -70,6 +79,15 @@ def test_parameter_count_and_t_bias():
     probe = ap.Probe(vit.vit("vit_demo", img_size=32), 6, "abmilp")
     probe(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))[0].backward()
     assert probe.t.bias.grad.abs().max() < 1e-6 < probe.t.weight.grad.abs().max()  # softmax ignores a shift
+
+
+def test_proxy_tokens_pool():
+    enc = vit.vit("vit_demo", img_size=32, prefix_tokens=8)  # SemanticMIM: 8 proxies, no extra [cls]
+    tokens = torch.randn(2, 8 + 16, 128)
+    assert torch.equal(ap.Probe(enc, 6, "cls").pooled(tokens)[0], tokens[:, :8].mean(1))
+    assert torch.equal(ap.Probe(enc, 6, "cls", proxy_pool="first").pooled(tokens)[0], tokens[:, 0])
+    assert ap.Probe(enc, 6, "cls", proxy_pool="concat").fc.in_features == 8 * 128
+    assert torch.equal(ap.Probe(enc, 6, "avg").pooled(tokens)[0], tokens[:, 8:].mean(1))  # patches only
 
 
 def test_encoder_frozen_and_unchanged():
@@ -128,6 +146,9 @@ def test_each_pooling_trains_and_reports(tmp_path, monkeypatch):
     losses = [r["loss"] for r in map(json.loads, open(tmp_path / "abmilp" / "log.jsonl")) if "loss" in r]
     assert len(losses) == 24 and sum(losses[-3:]) < sum(losses[:3])  # the demo lowers the loss
     assert os.path.exists(tmp_path / "abmilp" / "scores_epoch007.png")
+    res = ap.main(["--img-size", "32", "--batch-size", "32", "--max-steps", "2", "--pool", "avg", "--optimizer", "adamw",
+                   "--no-head-bn", "--lr", "5e-3", "--ref-batch", "2048", "--weight-decay", "0.05", "--out", str(tmp_path / "adamw")])
+    assert torch.load(tmp_path / "adamw" / "checkpoint.pt", weights_only=True)["step"] == 2  # KAMIM's AdamW probe runs
     stats = ap.main(["--attention-stats", "--img-size", "32", "--out", str(tmp_path)])  # §4 on the val split
     out = json.load(open(tmp_path / "attention_stats.json"))
     assert out["images"] == 48 and len(out["blocks"]) == 4 and out["max_entropy"] == pytest.approx(math.log(16))

@@ -166,7 +166,9 @@ def cache_features(model, ds, img_size, batch, device):
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             toks.append(model.features(x.to(device)).float().cpu())
         labels.append(y)
-    return torch.utils.data.TensorDataset(torch.cat(toks), torch.cat(labels))
+    toks = torch.cat(toks)
+    print(f"cached {tuple(toks.shape)} tokens: {toks.numel() * 4 / 2**30:.2f} GiB in host memory", flush=True)
+    return torch.utils.data.TensorDataset(toks, torch.cat(labels))
 
 
 @torch.no_grad()
@@ -192,7 +194,7 @@ def save_scores(model, imgs, path):
     model.eval()
     enc, P = model.encoder, model.encoder.num_prefix
     tokens, attns = enc(imgs, upto=model.block, norm=model.final_norm, return_attn=True)
-    s = model.pooled(tokens)[1] if model.pool == "abmilp" else attns[-1][:, :, 0, P:].mean(1)  # (B, N)
+    s = model.pooled(tokens)[1] if model.pool == "abmilp" else attns[-1][:, :, :P, P:].mean((1, 2))  # (B, N)
     s = (s / s.amax(1, keepdim=True)).view(-1, 1, *enc.grid)
     heat = F.interpolate(s.float(), size=imgs.shape[-2:], mode="nearest")
     mean, std = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)

@@ -1,0 +1,442 @@
+"""Linear probing of a frozen ViT with [cls], average or AbMILP pooling, and the attention statistics of
+"Beyond [cls]: exploring the true potential of Masked Image Modeling representations" (§4, §5, App. A-B).
+
+    torchrun --nproc_per_node=8 abmilp_probe.py --checkpoint CKPT --model vit_b --data /imagenet --pool abmilp
+    python abmilp_probe.py            # demo: random-init vit_demo on DemoShapes, every pooling side by side
+
+The encoder is frozen and in eval mode; only the head trains: [pool] -> BatchNorm1d(no affine) -> Linear
+(MAE's linear probe). AbMILP (eq. 6) scores each patch token with t: D -> 1 and sums the patch tokens
+weighted by the softmax of the scores. `--protocol` selects the probe each paper's numbers came from
+(mae: Beyond [cls], MAE, LUT; kamim: KAMIM App. A; semanticmim: SemanticMIM §4). `--attention-stats`
+writes the four per-block statistics of §4 instead of training.
+"""
+import argparse
+import contextlib
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.utils import save_image
+
+import data
+import vit
+
+
+# ---- paper pieces ----
+
+def abmilp_pool(z, scores):
+    # eq. 6: s_i = exp(t(z_i)) / sum_j exp(t(z_j)) over the N patch tokens ([cls] excluded); pooled = sum_i s_i z_i
+    s = scores.float().softmax(dim=-1)  # (B, N), non-negative, sums to 1 per image
+    return (s.unsqueeze(-1) * z.float()).sum(1), s  # (B, D), (B, N)
+
+
+def attention_entropy(a):
+    # eq. 5: Shannon entropy (natural log) of attention rows renormalised over the keys given: (..., N) -> (...)
+    a = a / a.sum(-1, keepdim=True)
+    return -torch.special.xlogy(a, a).sum(-1)  # 0 log 0 = 0; ln N for a uniform row
+
+
+def attention_stats(attn, P=1):
+    # §4: per image, averaged over heads and queries: [cls] to itself (raw a_00), entropy of [cls] over the
+    # patches (eq. 5), a patch's self-attention relative to all patches, entropy of patch-to-patch attention.
+    """attn (B, h, P + N, P + N) softmax weights, rows = queries, P prefix tokens first -> (B, 4).
+    With several prefix tokens (SemanticMIM's proxies) the [cls] statistics average over them."""
+    cls_self = attn[:, :, :P, :P].diagonal(dim1=-2, dim2=-1).mean((1, 2))  # not renormalised
+    cls_entropy = attention_entropy(attn[:, :, :P, P:]).mean((1, 2))
+    pp = attn[:, :, P:, P:]  # (B, h, N, N) patch queries to patch keys
+    patch_self = (pp.diagonal(dim1=-2, dim2=-1) / pp.sum(-1)).mean((1, 2))
+    patch_entropy = attention_entropy(pp).mean((1, 2))
+    return torch.stack([cls_self, cls_entropy, patch_self, patch_entropy], dim=1)
+
+
+STATS = ("cls_self", "cls_entropy", "patch_self_rel", "patch_entropy")
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as MAE's util/lars.py: tensors with ndim > 1 get weight decay and the trust
+    ratio eta ||w|| / ||g + wd w||; biases (and norms) plain momentum SGD. mu <- m mu + g'; w <- w - lr mu."""
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    w_norm, u_norm = torch.norm(p), torch.norm(dp)
+                    q = torch.where((w_norm > 0) & (u_norm > 0), g["trust_coefficient"] * w_norm / u_norm, torch.ones_like(w_norm))
+                    dp = dp.mul(q)
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+
+
+# ---- the probe ----
+
+class Probe(nn.Module):
+    """Frozen encoder -> tokens of block `block` -> pool -> BatchNorm1d(affine=False) -> Linear.
+    pool: "cls" (the prefix tokens; several are combined by proxy_pool), "avg" (mean of the patch tokens)
+    or "abmilp" (eq. 6; t is one Linear, or App. B.2's 2-layer MLP with tanh / relu)."""
+    def __init__(self, encoder, num_classes, pool="abmilp", block=None, final_norm=False, head_bn=True,
+                 proxy_pool="mean", t="linear"):
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False).eval()
+        self.pool, self.block, self.final_norm, self.proxy_pool = pool, block, final_norm, proxy_pool
+        D, P = encoder.dim, encoder.num_prefix
+        if pool == "abmilp":  # App. B.2, Table 3: linear 71.58 (adopted), MLP + tanh 68.70, MLP + ReLU 71.65
+            act = nn.Tanh() if t == "tanh" else nn.ReLU()
+            self.t = nn.Linear(D, 1) if t == "linear" else nn.Sequential(nn.Linear(D, D), act, nn.Linear(D, 1))
+        width = D * P if pool == "cls" and proxy_pool == "concat" else D
+        self.bn = nn.BatchNorm1d(width, affine=False, eps=1e-6) if head_bn else nn.Identity()  # MAE's probe
+        self.fc = nn.Linear(width, num_classes)
+        nn.init.trunc_normal_(self.fc.weight, std=0.01)  # MAE re-initialises the head this way
+        nn.init.zeros_(self.fc.bias)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.encoder.eval()  # always: the probe never updates the encoder's behaviour (mae#54)
+        return self
+
+    @torch.no_grad()
+    def features(self, img):
+        """(B, C, H, W) -> (B, P + N, D) tokens after block `block`; the final LayerNorm only if final_norm."""
+        return self.encoder(img, upto=self.block, norm=self.final_norm)
+
+    def pooled(self, tokens):
+        """(B, P + N, D) -> (B, D') and the patch weights (B, N) (None for cls / avg)."""
+        P = self.encoder.num_prefix
+        if self.pool == "abmilp":
+            return abmilp_pool(tokens[:, P:], self.t(tokens[:, P:]).squeeze(-1))
+        if self.pool == "avg":
+            return tokens[:, P:].mean(1), None
+        cls = tokens[:, :P]  # (B, P, D): [cls], or SemanticMIM's proxies (the paper never says how to combine them)
+        return {"mean": cls.mean(1), "first": cls[:, 0], "concat": cls.flatten(1)}[self.proxy_pool], None
+
+    def logits(self, x):
+        """Images (B, C, H, W) or cached tokens (B, P + N, D) -> (B, K)."""
+        tokens = self.features(x) if x.ndim == 4 else x
+        return self.fc(self.bn(self.pooled(tokens)[0].float()))
+
+    def forward(self, x, y):
+        loss = F.cross_entropy(self.logits(x).float(), y)
+        return loss, {"loss": loss.detach()}
+
+    def head_state(self):
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+
+
+def count_params(model):
+    """Trainable parameters. The paper (§5) writes D(K+1) + D + 1 with AbMILP; the head really has
+    K(D+1) (+ D + 1 for t): D and K are swapped in the paper's classifier count."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_encoder(name, img_size, checkpoint=None):
+    """vit.vit(name) loaded strictly from `checkpoint` (random init without one). The number of prefix
+    tokens comes from the checkpoint's cls_token (1, P, D): SemanticMIM's has 8 proxies."""
+    sd = vit._read_state_dict(checkpoint) if checkpoint else None
+    P = next((v.shape[1] for k, v in sd.items() if k.endswith("cls_token")), 1) if sd else 1
+    enc = vit.vit(name, img_size, prefix_tokens=P)
+    return vit.load_encoder(enc, sd) if sd is not None else enc
+
+
+# ---- data hook ----
+
+def transforms(img_size):
+    """MAE's probe: train RandomResizedCrop scale (0.08, 1) bicubic + flip; val resize 256/224 x, centre crop."""
+    return data.crop_flip(img_size, (0.08, 1.0)), data.center_crop(img_size)
+
+
+@torch.no_grad()
+def cache_features(model, ds, img_size, batch, device):
+    """The frozen tokens of every image once (centre crop, NO augmentation), for small datasets and sweeps:
+    (n, P + N, D) float32 in host memory, computed in full on every rank."""
+    dl = torch.utils.data.DataLoader(data.Seeded(ds, transforms(img_size)[1]), batch, num_workers=0)
+    toks, labels = [], []
+    for x, y in dl:
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            toks.append(model.features(x.to(device)).float().cpu())
+        labels.append(y)
+    toks = torch.cat(toks)
+    print(f"cached {tuple(toks.shape)} tokens: {toks.numel() * 4 / 2**30:.2f} GiB in host memory", flush=True)
+    return torch.utils.data.TensorDataset(toks, torch.cat(labels))
+
+
+@torch.no_grad()
+def evaluate(model, dl, device):
+    """Top-1 and top-5 (%) over the val loader. Under DDP the sampler pads the last batch with repeats."""
+    model.eval()
+    c = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
+    for x, y in dl:
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            top = model.logits(x).topk(min(5, model.fc.out_features), dim=1).indices  # (B, 5)
+        c += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(), torch.tensor(len(y), device=device)])
+    if dist.is_initialized():
+        dist.all_reduce(c)
+    model.train()
+    return (100 * c[0] / c[2]).item(), (100 * c[1] / c[2]).item()
+
+
+@torch.no_grad()
+def save_scores(model, imgs, path):
+    """Fig. 8: which patches the pooling selects. Top row the images, bottom row the images weighted by the
+    patch scores (AbMILP's s; for cls / avg the head-mean [cls] attention of the probed block, Table 4)."""
+    model.eval()
+    enc, P = model.encoder, model.encoder.num_prefix
+    tokens, attns = enc(imgs, upto=model.block, norm=model.final_norm, return_attn=True)
+    s = model.pooled(tokens)[1] if model.pool == "abmilp" else attns[-1][:, :, :P, P:].mean((1, 2))  # (B, N)
+    s = (s / s.amax(1, keepdim=True)).view(-1, 1, *enc.grid)
+    heat = F.interpolate(s.float(), size=imgs.shape[-2:], mode="nearest")
+    mean, std = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
+    img = (imgs.cpu() * std + mean).clamp(0, 1)
+    save_image(torch.cat([img, img * (0.3 + 0.7 * heat.cpu())]), path, nrow=len(imgs))
+    model.train()
+
+
+# ---- training ----
+
+def train(args, cache=None):
+    """Train one probe; returns (top-1, top-5) on val. `cache`: a dict shared between calls (--cache-features)."""
+    rank, world, device = data.setup(args.seed)
+    encoder = build_encoder(args.model, args.img_size, args.checkpoint)  # fails here, before any data is read
+    train_ds, val_ds = data.dataset(args.data, "train", labelled=True), data.dataset(args.data, "val", labelled=True)
+    model = Probe(encoder, len(train_ds.classes), args.pool, args.block, args.final_norm, args.head_bn,
+                  args.proxy_pool, args.abmilp_t).to(device)
+    micro, accum = data.batch_split(args.batch_size, world, args.micro_batch)
+    lr = args.lr * args.batch_size / args.ref_batch
+    train_tf, val_tf = transforms(args.img_size)
+    if args.cache_features:
+        cache = {} if cache is None else cache
+        for split, ds in (("train", train_ds), ("val", val_ds)):
+            if split not in cache:
+                cache[split] = cache_features(model, ds, args.img_size, micro, device)
+        train_set, val_set, workers = cache["train"], cache["val"], 0
+    else:
+        train_set, val_set, workers = data.Seeded(train_ds, train_tf, args.seed), data.Seeded(val_ds, val_tf), args.workers
+    dl = data.loader(train_set, micro, train=True, workers=workers, seed=args.seed)
+    val_dl = data.loader(val_set, micro, train=False, workers=workers)
+    data.set_epoch(val_dl, 0)
+    fig_imgs = torch.stack([data.Seeded(val_ds, val_tf)[i][0] for i in range(8)]).to(device)
+    if args.compile:
+        model.encoder = torch.compile(model.encoder)
+    head = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "lars":  # MAE: no weight decay; LARS excludes biases from the trust ratio itself
+        opt = LARS(head, weight_decay=args.weight_decay, momentum=args.momentum, trust_coefficient=args.trust)
+    else:
+        opt = torch.optim.AdamW(vit.param_groups(model, args.weight_decay), lr=lr, fused=device.type == "cuda")
+    ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
+    ck, start = data.load_checkpoint(args.out), 0
+    if ck is not None:  # auto-resume: head, optimiser, step, RNG
+        missing, unexpected = model.load_state_dict(ck["model"], strict=False)
+        if unexpected or not all(k.startswith("encoder.") for k in missing):
+            raise ValueError(f"{args.out}/checkpoint.pt is not this probe's head: missing {missing}, unexpected {unexpected}")
+        opt.load_state_dict(ck["optimizer"])
+        start = ck["step"]
+        data.set_rng_state(ck["rng"])
+    per_epoch = len(dl) // accum
+    total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
+    flops = 0 if args.cache_features else vit.vit_forward_flops(encoder, upto=args.block)  # forward only: frozen
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        data.log_json(os.path.join(args.out, "log.jsonl"), data.run_info(args, device))
+        print(f"probe {args.pool}: {count_params(model):,} trainable parameters, {'resuming at step %d' % start if start else 'from scratch'}; "
+              f"lr {args.lr:g} at batch {args.ref_batch} -> {lr:g} at {args.batch_size} = {world} x {micro} x {accum} accum; "
+              f"{per_epoch} steps/epoch, {total} steps", flush=True)
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    loss_sum, n_img, t0, done, result, step = torch.zeros((), device=device), 0, time.time(), 0, None, start - 1
+    last_log = start
+
+    def check_finite():
+        if not torch.isfinite(loss_sum):
+            raise FloatingPointError(f"non-finite loss at step {step}: stopping without saving (the last checkpoint stays good)")
+
+    def save():
+        check_finite()
+        if rank == 0:
+            data.save_checkpoint(dict(model=model.head_state(), optimizer=opt.state_dict(), step=step + 1,
+                                      rng=data.rng_state(), args=vars(args), result=result), args.out)
+
+    for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start):
+        lr_now = data.cosine(step, total, warmup, lr)  # per step: linear warmup from 0, half-cosine to 0
+        for g in opt.param_groups:
+            g["lr"] = lr_now
+        for i, (x, y) in enumerate(micro_batches):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            sync = ddp.no_sync() if world > 1 and i < accum - 1 else contextlib.nullcontext()
+            with sync:
+                with amp:
+                    loss, terms = ddp(x, y)
+                (loss / accum).backward()
+            loss_sum += terms["loss"] / accum
+            n_img += len(x) * world
+        opt.step()  # no gradient clipping: MAE's probe has none
+        opt.zero_grad(set_to_none=True)
+        done += 1
+        if (step + 1) % args.log_every == 0 and rank == 0:
+            check_finite()
+            dt = time.time() - t0
+            data.report(dict(epoch=epoch, step=step + 1, loss=loss_sum.item() / (step + 1 - last_log), lr=lr_now,
+                             img_s=n_img / dt, tflops=flops * n_img / dt / 1e12 if flops else None,
+                             mfu=vit.mfu(flops * n_img / dt, device) if flops else None), args.out)
+            loss_sum.zero_()
+            n_img, t0, last_log = 0, time.time(), step + 1
+        epoch_end = (step + 1) % per_epoch == 0
+        if epoch_end or step + 1 == total or done == args.max_steps:
+            result = evaluate(model, val_dl, device)
+            if rank == 0:
+                data.report(dict(epoch=epoch, step=step + 1, pool=args.pool, top1=result[0], top5=result[1]), args.out)
+                save_scores(model, fig_imgs, os.path.join(args.out, f"scores_epoch{epoch:03d}.png"))
+        if epoch_end or (step + 1) % args.save_every == 0 or step + 1 == total or done == args.max_steps:
+            save()
+        if done == args.max_steps:
+            break
+    if result is None:  # nothing left to train (a finished run resumed): evaluate what was saved
+        result = evaluate(model, val_dl, device)
+    return result
+
+
+@torch.no_grad()
+def attention_statistics(args):
+    """§4 over the val split: the four statistics per block, averaged over heads and images -> JSON + table."""
+    rank, world, device = data.setup(args.seed)
+    enc = build_encoder(args.model, args.img_size, args.checkpoint).to(device).eval()
+    dl = data.loader(data.Seeded(data.dataset(args.data, "val", labelled=True), transforms(args.img_size)[1]),
+                     args.micro_batch, train=False, workers=args.workers)
+    data.set_epoch(dl, 0)
+    sums, n = torch.zeros(len(enc.blocks), 4, device=device), torch.zeros((), device=device)
+    for img, _ in dl:
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            x = enc.prefix(enc.embed(img.to(device)) + enc.pos_embed)
+            for i, blk in enumerate(enc.blocks):  # one block at a time: all maps at once would not fit at ViT-B
+                x, attn = blk(x, return_attn=True)  # attn (B, h, P + N, P + N), fp32 softmax
+                sums[i] += attention_stats(attn, enc.num_prefix).sum(0)
+        n += len(img)
+    if dist.is_initialized():
+        dist.all_reduce(sums), dist.all_reduce(n)
+    means, N = (sums / n).tolist(), enc.grid[0] * enc.grid[1]
+    if rank == 0:
+        out = dict(checkpoint=args.checkpoint, images=int(n), patches=N, max_entropy=float(torch.log(torch.tensor(float(N)))),
+                   blocks=[dict(block=i + 1, **dict(zip(STATS, m))) for i, m in enumerate(means)])
+        os.makedirs(args.out, exist_ok=True)
+        json.dump(out, open(os.path.join(args.out, "attention_stats.json"), "w"), indent=1)
+        print(f"attention statistics over {int(n)} val images; max entropy ln {N} = {out['max_entropy']:.3f}")
+        print("block  " + "  ".join(f"{s:>14}" for s in STATS))
+        for i, m in enumerate(means):
+            print(f"{i + 1:5d}  " + "  ".join(f"{v:14.4f}" for v in m))
+    return means
+
+
+# ---- command line ----
+
+PROTOCOLS = {  # the probe behind each paper's numbers (digest); every individual flag overrides its preset
+    "mae": dict(pool="abmilp", block=None, head_bn=True, optimizer="lars", lr=0.1, ref_batch=256, batch_size=16384,
+                epochs=90, warmup_epochs=10, weight_decay=0.0, img_size=224),  # Beyond [cls] §5 = MAE's probe
+    "kamim": dict(pool="avg", block=8, head_bn=False, optimizer="adamw", lr=5e-3, ref_batch=2048, batch_size=2048,
+                  epochs=100, warmup_epochs=10, weight_decay=0.05, img_size=192),  # KAMIM App. A (SimMIM's probe)
+    "semanticmim": dict(pool="cls", block=7, head_bn=True, optimizer="adamw", lr=4e-3, ref_batch=1024, batch_size=1024,
+                        epochs=100, warmup_epochs=0, weight_decay=1e-4, img_size=224),  # §4.1, BEiT's protocol
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--data", help="ImageNet-style folder with train/ and val/ class folders; absent: the demo (vit_demo, 64 px, "
+                     "batch 256, 30 epochs, 1 warmup epoch, lr 6.4 at 256, --pool all, --cache-features)")
+    a("--checkpoint", help="encoder checkpoint: ours ('encoder' key) or MAE / DeiT / DINO in the timm layout; absent: random init")
+    a("--model", help="vit_demo / vit_t / vit_s / vit_b / vit_l / vit_h (default vit_b; demo vit_demo)")
+    a("--protocol", default="mae", choices=PROTOCOLS, help="preset of the flags below: mae (Beyond [cls] §5, MAE's "
+      "probe; default), kamim (KAMIM App. A: block 8, avg, no BN, AdamW 5e-3), semanticmim (§4.1: block 7, AdamW 4e-3)")
+    a("--pool", choices=["cls", "avg", "abmilp", "all"], help="cls ([cls] / proxy tokens), avg (patch mean) or abmilp "
+      "(eq. 6; mae preset); all = one probe each, side by side")
+    a("--block", type=int, help="read the tokens after block K (1-indexed; default the last; SimMIM/KAMIM 8, SemanticMIM 7)")
+    a("--final-norm", action=argparse.BooleanOptionalAction, default=False, help="apply the encoder's final LayerNorm "
+      "(MAE's own probe does; Beyond [cls]'s released code, which produced Table 1, does not: default off)")
+    a("--head-bn", action=argparse.BooleanOptionalAction, help="BatchNorm1d(affine=False, eps 1e-6) before the "
+      "Linear (MAE; on in the mae preset, off for kamim)")
+    a("--proxy-pool", default="mean", choices=["mean", "first", "concat"], help="--pool cls with several prefix "
+      "tokens (SemanticMIM's 8 proxies): their mean (default; the paper does not say), the first, or concatenated")
+    a("--abmilp-t", default="linear", choices=["linear", "tanh", "relu"], help="AbMILP's t: one Linear (the paper's "
+      "setting, 71.58) or App. B.2's 2-layer MLP of width D with tanh (68.70, the released code's default) or ReLU (71.65)")
+    a("--optimizer", choices=["lars", "adamw"], help="lars (MAE; mae preset) or adamw (kamim, semanticmim)")
+    a("--lr", type=float, help="lr at --ref-batch, scaled linearly to the real batch (mae: base lr 0.1 per 256 -> 6.4 at 16384)")
+    a("--ref-batch", type=int, help="the batch --lr refers to (mae 256, kamim 2048, semanticmim 1024)")
+    a("--batch-size", type=int, help="GLOBAL batch (mae 16384, kamim 2048, semanticmim 1024), reached by accumulation")
+    a("--micro-batch", type=int, default=1024, help="most images per GPU per forward; accumulation makes up the rest")
+    a("--epochs", type=int, help="mae 90 (50 for vit_l / vit_h), kamim 100, semanticmim 100")
+    a("--warmup-epochs", type=int, help="linear warmup from 0 (mae 10, kamim 10, semanticmim 0)")
+    a("--weight-decay", type=float, help="mae 0, kamim 0.05, semanticmim 1e-4")
+    a("--momentum", type=float, default=0.9, help="LARS momentum (MAE: 0.9)")
+    a("--trust", type=float, default=0.001, help="LARS trust coefficient eta (MAE: 0.001)")
+    a("--img-size", type=int, help="mae 224, kamim 192, semanticmim 224 (val resizes to img * 256/224, centre crop)")
+    a("--cache-features", action=argparse.BooleanOptionalAction, help="compute the frozen tokens once (centre crop, "
+      "no augmentation) and train on them: fast for small data and sweeps, held in memory (on in the demo)")
+    a("--attention-stats", action="store_true", help="§4: write the per-block attention statistics over val, no probe")
+    a("--out", default="runs/abmilp_probe", help="output folder (checkpoint.pt, log.jsonl, figures); --pool all: one sub-folder each")
+    a("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    a("--seed", type=int, default=0)
+    a("--log-every", type=int, default=20, help="optimiser steps between progress lines")
+    a("--save-every", type=int, default=1000, help="optimiser steps between checkpoints (also at each epoch end)")
+    a("--max-steps", type=int, help="stop after this many optimiser steps in this invocation (tests, smoke runs)")
+    a("--compile", action="store_true", help="torch.compile the encoder")
+    args = p.parse_args(argv)
+    demo = args.data is None
+    preset = dict(PROTOCOLS[args.protocol], model="vit_demo" if demo else "vit_b", cache_features=demo)
+    if demo:  # the demo overrides only these (and says so in --help)
+        # lr: MAE's absolute 6.4 (0.1 x 16384/256), since LARS at 0.1 barely moves the head in the demo's 180 steps
+        preset.update(img_size=64, batch_size=256, epochs=30, warmup_epochs=1, pool="all", lr=6.4)
+    elif args.protocol == "mae" and args.model in ("vit_l", "vit_h"):
+        preset.update(epochs=50)
+    for k, v in preset.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.model not in vit.CONFIGS:
+        p.error(f"--model {args.model}: choose one of {', '.join(vit.CONFIGS)}")
+    depth = vit.CONFIGS[args.model]["depth"]
+    args.block = depth if args.block is None else args.block
+    if not 1 <= args.block <= depth:
+        p.error(f"--block {args.block} is outside {args.model}'s blocks 1..{depth}")
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        p.error(f"--checkpoint {args.checkpoint} does not exist")
+    if args.img_size % vit.CONFIGS[args.model]["patch_size"]:
+        p.error(f"--img-size {args.img_size} is not a multiple of {args.model}'s patch size")
+    for k in ("batch_size", "micro_batch", "epochs", "ref_batch", "log_every", "save_every"):
+        if getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be at least 1")
+    if args.lr <= 0 or not 0 <= args.warmup_epochs < args.epochs:
+        p.error("--lr must be > 0 and --warmup-epochs in [0, --epochs)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    print("resolved args: " + json.dumps(vars(args)), flush=True)
+    if args.attention_stats:
+        return attention_statistics(args)
+    pools = ["cls", "avg", "abmilp"] if args.pool == "all" else [args.pool]
+    cache, results = {}, {}
+    for pool in pools:
+        out = os.path.join(args.out, pool) if len(pools) > 1 else args.out
+        results[pool] = train(argparse.Namespace(**{**vars(args), "pool": pool, "out": out}), cache)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"\nlinear probe, {args.model} block {args.block}{' + final norm' if args.final_norm else ''}, "
+              f"{args.checkpoint or 'random init'}:\n" + "pool      top-1   top-5")
+        for pool, (t1, t5) in results.items():
+            print(f"{pool:7s}  {t1:6.2f}  {t5:6.2f}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""A run's loss curve from its log.jsonl, as CSV and PNG ("is my loss curve normal?").
+
+    python benchmarks/loss_curve.py runs/kamim/log.jsonl benchmarks/results/kamim_demo_loss
+
+writes PREFIX.csv (step and every logged loss term) and PREFIX.png (one line per term, each scaled
+to its own range, so terms of different size share one plot).
+"""
+import json
+import sys
+
+import cv2
+import numpy as np
+
+COLOURS = [(200, 80, 30), (30, 120, 220), (40, 160, 60), (160, 40, 160)]  # BGR
+
+
+def read_log(path):
+    """Progress records (those with a step) -> (steps, {term: values}); loss terms are the keys
+    beginning with 'loss' or named like the scripts' terms (mim, bc, l1)."""
+    recs = [r for r in map(json.loads, open(path)) if "step" in r]
+    if not recs:
+        raise SystemExit(f"{path} holds no progress records")
+    terms = [k for k in recs[0] if k.startswith("loss") or k in ("mim", "bc", "l1")]
+    return [r["step"] for r in recs], {k: [r[k] for r in recs] for k in terms}
+
+
+def plot(steps, curves, path, w=640, h=360, pad=40):
+    img = np.full((h, w, 3), 255, np.uint8)
+    cv2.rectangle(img, (pad, pad // 2), (w - pad // 2, h - pad), (0, 0, 0), 1)
+    x = pad + (np.array(steps) - steps[0]) / max(1, steps[-1] - steps[0]) * (w - 1.5 * pad)
+    for i, (name, ys) in enumerate(curves.items()):
+        ys = np.array(ys, dtype=float)
+        lo, hi = ys.min(), ys.max()
+        y = h - pad - (ys - lo) / max(hi - lo, 1e-12) * (h - 1.5 * pad)
+        col = COLOURS[i % len(COLOURS)]
+        cv2.polylines(img, [np.stack([x, y], 1).astype(np.int32)], False, col, 2, cv2.LINE_AA)
+        cv2.putText(img, f"{name}: {ys[0]:.3g} -> {ys[-1]:.3g}", (pad + 8, pad + 16 * i + 4), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.45, col, 1, cv2.LINE_AA)
+    cv2.putText(img, f"step {steps[0]} .. {steps[-1]} (each curve scaled to its own range)", (pad, h - pad // 3),
+                cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.imwrite(path, img)
+
+
+def main():
+    if len(sys.argv) != 3:
+        raise SystemExit(__doc__)
+    log, prefix = sys.argv[1:]
+    steps, curves = read_log(log)
+    with open(prefix + ".csv", "w") as f:
+        f.write(",".join(["step", *curves]) + "\n")
+        for i, s in enumerate(steps):
+            f.write(",".join([str(s)] + [f"{curves[k][i]:.6g}" for k in curves]) + "\n")
+    plot(steps, curves, prefix + ".png")
+    print(f"wrote {prefix}.csv and {prefix}.png")
+
+
+if __name__ == "__main__":
+    main()

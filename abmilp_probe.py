@@ -143,7 +143,7 @@ def count_params(model):
 def build_encoder(name, img_size, checkpoint=None):
     """vit.vit(name) loaded strictly from `checkpoint` (random init without one). The number of prefix
     tokens comes from the checkpoint's cls_token (1, P, D): SemanticMIM's has 8 proxies."""
-    sd = vit._read_state_dict(checkpoint) if checkpoint else None
+    sd = vit.read_state_dict(checkpoint) if checkpoint else None
     P = next((v.shape[1] for k, v in sd.items() if k.endswith("cls_token")), 1) if sd else 1
     enc = vit.vit(name, img_size, prefix_tokens=P)
     return vit.load_encoder(enc, sd) if sd is not None else enc
@@ -256,12 +256,8 @@ def train(args, cache=None):
     loss_sum, n_img, t0, done, result, step = torch.zeros((), device=device), 0, time.time(), 0, None, start - 1
     last_log = start
 
-    def check_finite():
-        if not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"non-finite loss at step {step}: stopping without saving (the last checkpoint stays good)")
-
     def save():
-        check_finite()
+        data.check_finite(loss_sum, step, args.out)  # never overwrite the last good one
         if rank == 0:
             data.save_checkpoint(dict(model=model.head_state(), optimizer=opt.state_dict(), step=step + 1,
                                       rng=data.rng_state(), args=vars(args), result=result), args.out)
@@ -283,7 +279,7 @@ def train(args, cache=None):
         opt.zero_grad(set_to_none=True)
         done += 1
         if (step + 1) % args.log_every == 0 and rank == 0:
-            check_finite()
+            data.check_finite(loss_sum, step, args.out)
             dt = time.time() - t0
             data.report(dict(epoch=epoch, step=step + 1, loss=loss_sum.item() / (step + 1 - last_log), lr=lr_now,
                              img_s=n_img / dt, tflops=flops * n_img / dt / 1e12 if flops else None,

@@ -345,6 +345,30 @@ def load_checkpoint(out_dir, name="checkpoint.pt"):
     return torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
 
 
+def resume(out_dir, model, opt):
+    """Auto-resume from out_dir/checkpoint.pt if any: weights, optimiser, RNG. Returns the step to go on from (0: none)."""
+    ckpt = load_checkpoint(out_dir)
+    if ckpt is None:
+        return 0
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["step"]
+
+
+def check_finite(loss, step, out_dir):
+    """Stop on a non-finite loss (float or 0-d tensor; syncs) before anything overwrites the last good checkpoint."""
+    if not math.isfinite(float(loss)):
+        raise SystemExit(f"non-finite loss ({float(loss)}) at step {step}: stopping without saving; "
+                         f"{os.path.join(out_dir, 'checkpoint.pt')} is the last good state")
+
+
+def save_run(out_dir, model, opt, step, args):
+    """Pretraining checkpoint (rank 0): model, its encoder alone (what probes load), optimiser, step, RNG, vars(args)."""
+    return save_checkpoint(dict(model=model.state_dict(), encoder=model.encoder.state_dict(), optimizer=opt.state_dict(),
+                                step=step, rng=rng_state(), args=vars(args)), out_dir)
+
+
 def log_json(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -367,8 +391,3 @@ def report(record, out_dir):
     print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
     log_json(os.path.join(out_dir, "log.jsonl"), record)
 
-
-def unwrap(model):
-    """The plain module under DDP and torch.compile: what checkpoints save (no 'module.' / '_orig_mod.')."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)

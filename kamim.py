@@ -16,7 +16,6 @@ on the training device. Released code (For TPUs/) differences sit behind flags: 
 """
 import argparse
 import contextlib
-import math
 import os
 import time
 
@@ -133,12 +132,11 @@ class KamimTransform:
     Keypoints are found on the augmented uint8 crop, after both flips, before normalisation (§4.1)."""
     def __init__(self, img_size, model_patch, mask_patch=32, mask_ratio=0.6, detector="fast"):
         self.crop, self.norm = data.kamim_crop(img_size), data.normalize()
-        self.mask = lambda: data.simmim_mask(img_size, mask_patch, model_patch, mask_ratio)
-        self.detector = detector
+        self.mask_args, self.detector = (img_size, mask_patch, model_patch, mask_ratio), detector  # no lambda: picklable
 
     def __call__(self, img):
         crop = self.crop(img)
-        out = (self.norm(crop), self.mask())
+        out = (self.norm(crop), data.simmim_mask(*self.mask_args))
         if self.detector == "none":  # SimMIM: no keypoint work at all
             return out
         return out + (torch.from_numpy(data.keypoint_map(np.asarray(crop), self.detector)),)
@@ -180,14 +178,8 @@ def train(args):
     dl = data.loader(ds, micro, train=True, workers=args.workers, seed=args.seed)
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
-    step = 0
     os.makedirs(args.out, exist_ok=True)
-    ckpt = data.load_checkpoint(args.out)
-    if ckpt is not None:  # auto-resume: weights, optimiser, step, RNG; the loader skips what was done
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        data.set_rng_state(ckpt["rng"])
+    step = data.resume(args.out, model, opt)  # auto-resume: weights, optimiser, step, RNG
     if rank == 0:
         print("args:", "  ".join(f"{k}={v}" for k, v in vars(args).items()))
         print(f"world {world}  global batch {args.batch_size} = {micro} x {accum} accumulation x {world} processes  "
@@ -201,14 +193,6 @@ def train(args):
     flops = train_flops(model)
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
     sums, n_log, t0, last, done = {}, 0, time.time(), None, 0
-
-    def checkpoint():
-        if not all(torch.isfinite(v).item() for v in sums.values()):  # never overwrite the last good one
-            raise SystemExit(f"non-finite loss at step {step}: stopping; {args.out}/checkpoint.pt is the last good state")
-        if rank == 0:
-            data.save_checkpoint(dict(model=model.state_dict(), encoder=model.encoder.state_dict(), optimizer=opt.state_dict(),
-                                      step=step, rng=data.rng_state(), args=vars(args)), args.out)
-
     model.train()
     for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start=step):
         lr_now = data.cosine(step, total, warmup, lr, final=args.min_lr, start=args.warmup_lr)
@@ -228,9 +212,7 @@ def train(args):
         step, n_log, done, last = step + 1, n_log + 1, done + 1, batch
         if step % args.log_every == 0 or step == total or done == args.max_steps:
             vals = {k: v.item() / n_log for k, v in sums.items()}  # one sync per log line
-            if not all(math.isfinite(v) for v in vals.values()):
-                raise SystemExit(f"non-finite loss {vals} at step {step}: stopping without saving; "
-                                 f"{args.out}/checkpoint.pt is the last good state")
+            data.check_finite(sum(vals.values()), step, args.out)  # any term nan / inf makes the sum so
             dt = time.time() - t0
             ips = n_log * args.batch_size / dt
             if rank == 0:
@@ -239,7 +221,9 @@ def train(args):
             sums, n_log, t0 = {}, 0, time.time()
         end_of_epoch = step % per_epoch == 0
         if step % args.save_every == 0 or end_of_epoch or step == total or done == args.max_steps:
-            checkpoint()
+            data.check_finite(sum(sums.values()), step, args.out)  # never overwrite the last good one
+            if rank == 0:
+                data.save_run(args.out, model, opt, step, args)
         if end_of_epoch and rank == 0:
             save_figure(model, last, os.path.join(args.out, f"epoch{epoch:03d}.png"))
         if done == args.max_steps:

@@ -199,9 +199,9 @@ class Views:
     crop. LUT (Table 4f): simple resized crop (SRC); the context view adds colour jitter + three-augment.
     MAE (--alpha 0) uses its own random resized crop (0.2, 1) by default (Table 4f: SRC costs MAE 0.3 ft)."""
     def __init__(self, img_size, crop="src", two=True):
-        crop = data.simple_resized_crop(img_size) if crop == "src" else T.Compose([
-            T.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip()])
-        self.recon = T.Compose([crop, data.normalize()])
+        self.recon = (T.Compose([data.simple_resized_crop(img_size), data.normalize()]) if crop == "src"
+                      else data.mae_transform(img_size))  # MAE: RRC (0.2, 1) bicubic + flip + normalise
+        crop = T.Compose(self.recon.transforms[:-1])  # the crop (+ flip) before normalising: the context view's too
         self.context = T.Compose([crop, data.three_augment(), data.normalize()]) if two else None
 
     def __call__(self, img):
@@ -265,14 +265,8 @@ def train(args):
     dl = data.loader(ds, micro, train=True, workers=args.workers, seed=args.seed)
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
-    step = 0
     os.makedirs(args.out, exist_ok=True)
-    ckpt = data.load_checkpoint(args.out)
-    if ckpt is not None:  # auto-resume: weights (teacher and heads included), optimiser, step, RNG
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        data.set_rng_state(ckpt["rng"])
+    step = data.resume(args.out, model, opt)  # auto-resume: weights (teacher and heads included), optimiser, step, RNG
     if rank == 0:
         print("args:", "  ".join(f"{k}={v}" for k, v in vars(args).items()))
         print(f"world {world}  global batch {args.batch_size} = {micro} x {accum} accumulation x {world} processes  "
@@ -289,14 +283,6 @@ def train(args):
     flops = train_flops(model)
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
     sums, n_log, t0, last, done = {}, 0, time.time(), None, 0
-
-    def checkpoint():
-        if not all(torch.isfinite(v).item() for v in sums.values()):  # never overwrite the last good one
-            raise SystemExit(f"non-finite loss at step {step}: stopping; {args.out}/checkpoint.pt is the last good state")
-        if rank == 0:
-            data.save_checkpoint(dict(model=model.state_dict(), encoder=model.encoder.state_dict(), optimizer=opt.state_dict(),
-                                      step=step, rng=data.rng_state(), args=vars(args)), args.out)
-
     net.train()
     for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start=step):
         lr_now = data.cosine(step, total, warmup, lr)
@@ -321,9 +307,7 @@ def train(args):
         step, n_log, done, last = step + 1, n_log + 1, done + 1, views[0]
         if step % args.log_every == 0 or step == total or done == args.max_steps:
             vals = {k: v.item() / n_log for k, v in sums.items()}  # one sync per log line
-            if not all(math.isfinite(v) for v in vals.values()):
-                raise SystemExit(f"non-finite loss {vals} at step {step}: stopping without saving; "
-                                 f"{args.out}/checkpoint.pt is the last good state")
+            data.check_finite(sum(vals.values()), step, args.out)  # any term nan / inf makes the sum so
             dt = time.time() - t0
             ips = n_log * args.batch_size / dt
             if rank == 0:
@@ -333,7 +317,9 @@ def train(args):
             sums, n_log, t0 = {}, 0, time.time()
         end_of_epoch = step % per_epoch == 0
         if step % args.save_every == 0 or end_of_epoch or step == total or done == args.max_steps:
-            checkpoint()
+            data.check_finite(sum(sums.values()), step, args.out)  # never overwrite the last good one
+            if rank == 0:
+                data.save_run(args.out, model, opt, step, args)
         if end_of_epoch and rank == 0:
             save_figure(model, last[:8], os.path.join(args.out, f"epoch{epoch:03d}.png"))
         if done == args.max_steps:

@@ -259,31 +259,16 @@ def train(args):
               f"{flops / 1e9:.3g} GFLOP per training image")
     opt = torch.optim.AdamW(vit.param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8,
                             fused=device.type == "cuda")
-    start, ckpt = 0, data.load_checkpoint(args.out)
-    if ckpt is not None:  # auto-resume: weights, optimiser, step and RNG
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        start = ckpt["step"]
-        data.set_rng_state(ckpt["rng"])
-        if rank == 0:
-            print(f"resumed from {args.out}/checkpoint.pt at step {start}")
+    start = data.resume(args.out, model, opt)  # auto-resume: weights, optimiser, step and RNG
+    if rank == 0 and start:
+        print(f"resumed from {args.out}/checkpoint.pt at step {start}")
     elif rank == 0:
         data.log_json(os.path.join(args.out, "log.jsonl"), data.run_info(args, device))
     ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
     fwd = torch.compile(ddp) if args.compile else ddp
     fig_img = torch.stack([data.center_crop(args.img_size)(ds.base[i][0]) for i in range(4)]).to(device)
-
-    def checkpoint(step, running):
-        if not torch.isfinite(running):
-            raise SystemExit(f"non-finite loss before step {step}: stopping, {args.out}/checkpoint.pt is the last good one")
-        if rank == 0:
-            data.save_checkpoint(dict(model=model.state_dict(), encoder=model.encoder.state_dict(), optimizer=opt.state_dict(),
-                                      step=step, rng=data.rng_state(), args=vars(args)), args.out)
-
-    running, n_log, t0, step = torch.zeros((), device=device), 0, time.time(), start
+    running, n_log, t0 = torch.zeros((), device=device), 0, time.time()
     for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start):
-        if args.max_steps and step >= start + args.max_steps:
-            break
         for g in opt.param_groups:
             g["lr"] = data.cosine(step, total, warmup, lr, args.min_lr)
         for i, ((img, mask), _) in enumerate(micro_batches):
@@ -299,13 +284,13 @@ def train(args):
         opt.zero_grad(set_to_none=True)
         n_log += 1
         done = step + 1
+        stop = args.max_steps and done == start + args.max_steps
         if done % args.log_every == 0 or done == total:
             avg = running / n_log
             if world > 1:
                 torch.distributed.all_reduce(avg)
                 avg /= world
-            if not torch.isfinite(avg):
-                raise SystemExit(f"non-finite loss at step {done}: stopping, {args.out}/checkpoint.pt is the last good one")
+            data.check_finite(avg, done, args.out)
             dt = time.time() - t0
             ips = n_log * args.batch_size / dt
             mfu = vit.mfu(flops * ips / world, device)
@@ -313,14 +298,14 @@ def train(args):
                 data.report(dict(epoch=epoch, step=done, **{f"loss_{args.target}": avg.item()}, lr=opt.param_groups[0]["lr"],
                                  img_s=ips, tflop_s=flops * ips / 1e12, mfu=mfu), args.out)
             running, n_log, t0 = torch.zeros((), device=device), 0, time.time()
-        if done % args.save_every == 0 or done % per_epoch == 0 or done == total:
-            checkpoint(done, running)
+        if done % args.save_every == 0 or done % per_epoch == 0 or done == total or stop:
+            data.check_finite(running, done, args.out)  # never overwrite the last good one
+            if rank == 0:
+                data.save_run(args.out, model, opt, done, args)
         if done % per_epoch == 0 and rank == 0:
             save_figure(model, os.path.join(args.out, f"proxy_attention_epoch{epoch:03d}.png"), fig_img)
-    else:
-        step = total  # the loop ran to the end; the last step was saved above
-    if step < total and step % args.save_every and step % per_epoch:
-        checkpoint(step, running)  # stopped by --max-steps between save points
+        if stop:
+            break
     if world > 1:
         torch.distributed.destroy_process_group()
     return model

@@ -239,7 +239,7 @@ def mfu(flops_per_second, device):
 
 # ---- checkpoint loading ----
 
-def _read_state_dict(path):
+def read_state_dict(path):
     """torch.load with weights_only=True; MAE's and DINO's checkpoints also pickle an argparse.Namespace."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -274,7 +274,7 @@ def load_encoder(model, path_or_state):
     layout. Strips 'module.', 'backbone.', 'encoder.' and '_orig_mod.' prefixes, drops decoder / head
     weights, folds a checkpoint's [cls] position into cls_token, resizes the position embedding to the
     model's grid, and raises with the missing, unexpected and mis-shaped keys if anything else differs."""
-    sd = _read_state_dict(path_or_state) if isinstance(path_or_state, str) else path_or_state
+    sd = read_state_dict(path_or_state) if isinstance(path_or_state, str) else path_or_state
     out = {}
     for k, v in sd.items():
         for p in ("module.", "_orig_mod.", "backbone.", "encoder."):

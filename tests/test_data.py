@@ -1,4 +1,5 @@
 """data.py: masks, keypoints, datasets and their failure modes, the loader, run plumbing."""
+import argparse
 import json
 import math
 import os
@@ -169,3 +170,30 @@ def test_train_steps_resume_mid_epoch():
     assert [s for _, s, _ in full] == list(range(10)) and [e for e, _, _ in full] == [0] * 5 + [1] * 5
     assert idx(data.train_steps(dl, epochs=2, accum=2, start=3)) == full[3:]
     assert idx(data.train_steps(dl, epochs=2, accum=2, start=7)) == full[7:]
+
+
+def test_save_run_resume_check_finite(tmp_path):
+    class Net(torch.nn.Module):  # a pretraining wrapper: the encoder plus a head
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+    net, out = Net(), str(tmp_path)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net.head(net.encoder(torch.randn(5, 3))).sum().backward()
+    opt.step()
+    assert data.resume(out, Net(), opt) == 0  # nothing to resume: step 0, nothing touched
+    data.save_run(out, net, opt, 7, argparse.Namespace(lr=1e-3))
+    ck = data.load_checkpoint(out)
+    assert set(ck) == {"model", "encoder", "optimizer", "step", "rng", "args"} and ck["args"] == {"lr": 1e-3}
+    assert set(ck["encoder"]) == {"weight", "bias"} and ck["step"] == 7
+    expected = torch.rand(3)  # what the RNG gives right after the save
+    net2 = Net()
+    opt2 = torch.optim.AdamW(net2.parameters(), lr=1e-3)
+    assert data.resume(out, net2, opt2) == 7
+    assert torch.equal(torch.rand(3), expected)  # RNG restored
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), net2.state_dict().values()))
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    data.check_finite(1.5, 3, out), data.check_finite(torch.tensor(2.0), 3, out)
+    for bad in (float("nan"), float("inf"), torch.tensor(float("-inf")), torch.tensor(float("nan"), dtype=torch.bfloat16)):
+        with pytest.raises(SystemExit, match=r"non-finite loss .* step 3: .*checkpoint\.pt is the last good state"):
+            data.check_finite(bad, 3, out)

@@ -3,6 +3,7 @@ shared ViT, the loop (loss falls, exact resume, accumulation, torchrun), and bad
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 
@@ -97,7 +98,7 @@ def test_table1_parameter_counts():
 def test_model_on_the_shared_vit_trains(tmp_path):
     torch.manual_seed(0)
     model = kamim.KAMIM(vit.vit("vit_demo", img_size=96), wps=4)
-    tf = kamim.KamimTransform(96, 8, mask_patch=16)
+    tf = pickle.loads(pickle.dumps(kamim.KamimTransform(96, 8, mask_patch=16)))  # spawn workers (macOS / Windows) pickle it
     samples = [tf(data.DemoShapes("train")[i][0]) for i in range(4)]
     batch = [torch.stack(x) for x in zip(*samples)]
     img, mask, points = batch

@@ -1,11 +1,6 @@
-"""The one data loader, and the small run plumbing every script shares.
-
-Data: ImageNet-style folders (PATH/train/CLASS/*.JPEG) or a flat / nested folder of unlabelled images,
-a built-in demo dataset (no download), the papers' augmentations, SimMIM's and MAE's masks, keypoint
-maps, and a distributed loader whose every sample is a pure function of (seed, epoch, index), so a
-killed run resumes mid-epoch on exactly the same batches.
-Plumbing: torchrun setup, the cosine schedule, atomic checkpoints with auto-resume, a JSON-lines log.
-"""
+"""The one data loader (image folders, the built-in demo dataset, the papers' augmentations, masks and
+keypoint maps; every sample a pure function of (seed, epoch, index), so a killed run resumes mid-epoch on
+the same batches) and the run plumbing every script shares (torchrun, schedule, checkpoints, log)."""
 import json
 import math
 import os
@@ -81,33 +76,30 @@ class DemoShapes(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i):
-        label = i % len(self.classes)
+        label, s = i % len(self.classes), self.img_size
         rng = np.random.default_rng([i, 0 if self.split == "train" else 1])
-        s = self.img_size
-        bg = rng.integers(0, 256, 3)
-        img = np.clip(bg + cv2.GaussianBlur(rng.normal(0, 24, (s, s, 3)), (0, 0), 1.5), 0, 255).astype(np.uint8)
+        noise = cv2.GaussianBlur(rng.normal(0, 24, (s, s, 3)), (0, 0), 1.5)
+        img = np.clip(rng.integers(0, 256, 3) + noise, 0, 255).astype(np.uint8)
         for _ in range(rng.integers(2, 5)):
             col = tuple(int(c) for c in rng.integers(0, 256, 3))
-            cx, cy, r = int(rng.integers(s // 4, 3 * s // 4)), int(rng.integers(s // 4, 3 * s // 4)), int(rng.integers(s // 10, s // 4))
+            x, y, r = int(rng.integers(s // 4, 3 * s // 4)), int(rng.integers(s // 4, 3 * s // 4)), int(rng.integers(s // 10, s // 4))
+            polys = [np.array(p, np.int32) for p in self.polygons(label, x, y, r)]
             if label == 0:
-                cv2.circle(img, (cx, cy), r, col, -1)
-            elif label == 1:
-                cv2.rectangle(img, (cx - r, cy - r // 2), (cx + r, cy + r // 2), col, -1)
-            elif label == 2:
-                cv2.fillPoly(img, [np.array([[cx, cy - r], [cx - r, cy + r], [cx + r, cy + r]], np.int32)], col)
+                cv2.circle(img, (x, y), r, col, -1)
             elif label == 3:
-                for k in range(-3, 4):
-                    cv2.line(img, (0, cy + 6 * k), (s, cy + 6 * k + r), col, 2)
-            elif label == 4:
-                for a in range(4):
-                    for b in range(4):
-                        if (a + b) % 2:
-                            x0, y0 = cx - r + a * r // 2, cy - r + b * r // 2
-                            cv2.rectangle(img, (x0, y0), (x0 + r // 2, y0 + r // 2), col, -1)
-            else:
-                cv2.rectangle(img, (cx - r, cy - r // 4), (cx + r, cy + r // 4), col, -1)
-                cv2.rectangle(img, (cx - r // 4, cy - r), (cx + r // 4, cy + r), col, -1)
+                cv2.polylines(img, polys, False, col, 2)
+            for p in polys if label != 3 else []:  # one at a time: fillPoly leaves overlaps of one call empty
+                cv2.fillPoly(img, [p], col)
         return Image.fromarray(img), label
+
+    @staticmethod
+    def polygons(label, x, y, r):
+        box = lambda x0, y0, x1, y1: [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
+        q = r // 2
+        return [[], [box(x - r, y - q, x + r, y + q)], [[[x, y - r], [x - r, y + r], [x + r, y + r]]],
+                [[[0, y + 6 * k], [4 * r, y + 6 * k + r]] for k in range(-3, 4)],  # stripes: lines
+                [box(x - r + a * q, y - r + b * q, x - r + (a + 1) * q, y - r + (b + 1) * q) for a in range(4) for b in range(4) if (a + b) % 2],
+                [box(x - r, y - q // 2, x + r, y + q // 2), box(x - q // 2, y - r, x + q // 2, y + r)]][label]
 
 
 def dataset(data, split, labelled=False):
@@ -147,18 +139,11 @@ def simple_resized_crop(img_size=224):
                       T.RandomCrop(img_size, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip()])
 
 
-class RandomBlur:
-    """PIL Gaussian blur with radius ~ U(0.1, 2) (DeiT III's three-augment)."""
-    def __call__(self, img):
-        from PIL import ImageFilter
-        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
-
-
 def three_augment():
     """LUT's context view on top of SRC: colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, then exactly one
-    of grayscale / solarize (threshold 128) / Gaussian blur. PIL in, PIL out."""
+    of grayscale / solarize (threshold 128) / Gaussian blur with sigma ~ U(0.1, 2). PIL in, PIL out."""
     return T.Compose([T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-                      T.RandomChoice([T.Grayscale(3), T.RandomSolarize(128, p=1.0), RandomBlur()])])
+                      T.RandomChoice([T.Grayscale(3), T.RandomSolarize(128, p=1.0), T.GaussianBlur(9, (0.1, 2.0))])])
 
 
 def crop_flip(img_size=224, scale=(0.08, 1.0)):
@@ -376,14 +361,11 @@ def log_json(path, record):
 
 def run_info(args, device):
     """The first JSON-lines record of a run: args, versions, device, git commit."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        sha = None
+    git = subprocess.run("git rev-parse HEAD 2>/dev/null", shell=True, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
     return dict(args=vars(args), torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-                git=sha, time=time.strftime("%Y-%m-%d %H:%M:%S"))
+                git=git, time=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
 def report(record, out_dir):

@@ -88,8 +88,9 @@ class DemoShapes(torch.utils.data.Dataset):
                 cv2.circle(img, (x, y), r, col, -1)
             elif label == 3:
                 cv2.polylines(img, polys, False, col, 2)
-            for p in polys if label != 3 else []:  # one at a time: fillPoly leaves overlaps of one call empty
-                cv2.fillPoly(img, [p], col)
+            else:
+                for p in polys:  # one at a time: fillPoly leaves the overlaps within one call empty
+                    cv2.fillPoly(img, [p], col)
         return Image.fromarray(img), label
 
     @staticmethod

@@ -14,6 +14,7 @@ groups, and the checkpoint loader (`load_encoder`).
 """
 import argparse
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -230,9 +231,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 (SXM
 
 def mfu(flops_per_second, device):
     """Model FLOPs utilisation against the GPU's dense bf16 peak; None on CPU or an unknown GPU."""
-    if torch.device(device).type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else ""
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
     return None if peak is None else flops_per_second / peak
 
@@ -241,11 +240,10 @@ def mfu(flops_per_second, device):
 
 def read_state_dict(path):
     """torch.load with weights_only=True; MAE's and DINO's checkpoints also pickle an argparse.Namespace."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("encoder", "model", "state_dict", "teacher"):  # ours, MAE / DeiT, generic, DINO
         if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
             return ckpt[key]

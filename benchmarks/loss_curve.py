@@ -6,6 +6,7 @@ writes PREFIX.csv (step and every logged loss term) and PREFIX.png (one line per
 to its own range, so terms of different size share one plot).
 """
 import json
+import os
 import sys
 
 import cv2
@@ -26,19 +27,21 @@ def read_log(path):
 
 def plot(steps, curves, path, w=640, h=360, pad=40):
     img = np.full((h, w, 3), 255, np.uint8)
-    cv2.rectangle(img, (pad, pad // 2), (w - pad // 2, h - pad), (0, 0, 0), 1)
+    top = 16 * len(curves) + 12  # the legend sits above the plot box
+    cv2.rectangle(img, (pad, top), (w - pad // 2, h - pad), (0, 0, 0), 1)
     x = pad + (np.array(steps) - steps[0]) / max(1, steps[-1] - steps[0]) * (w - 1.5 * pad)
     for i, (name, ys) in enumerate(curves.items()):
         ys = np.array(ys, dtype=float)
         lo, hi = ys.min(), ys.max()
-        y = h - pad - (ys - lo) / max(hi - lo, 1e-12) * (h - 1.5 * pad)
+        y = h - pad - (ys - lo) / max(hi - lo, 1e-12) * (h - pad - top)
         col = COLOURS[i % len(COLOURS)]
         cv2.polylines(img, [np.stack([x, y], 1).astype(np.int32)], False, col, 2, cv2.LINE_AA)
-        cv2.putText(img, f"{name}: {ys[0]:.3g} -> {ys[-1]:.3g}", (pad + 8, pad + 16 * i + 4), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.45, col, 1, cv2.LINE_AA)
+        cv2.putText(img, f"{name}: {ys[0]:.3g} -> {ys[-1]:.3g} (range {lo:.3g} .. {hi:.3g})", (pad, 16 * i + 16),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.45, col, 1, cv2.LINE_AA)
     cv2.putText(img, f"step {steps[0]} .. {steps[-1]} (each curve scaled to its own range)", (pad, h - pad // 3),
                 cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.imwrite(path, img)
+    if not cv2.imwrite(path, img):
+        raise SystemExit(f"could not write {path}")
 
 
 def main():
@@ -46,6 +49,7 @@ def main():
         raise SystemExit(__doc__)
     log, prefix = sys.argv[1:]
     steps, curves = read_log(log)
+    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
     with open(prefix + ".csv", "w") as f:
         f.write(",".join(["step", *curves]) + "\n")
         for i, s in enumerate(steps):

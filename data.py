@@ -189,17 +189,20 @@ def random_masking(B, N, ratio, device=None):
 # ---- keypoints (KAMIM §3.2) ----
 
 DETECTORS = {"fast": cv2.FastFeatureDetector_create, "orb": cv2.ORB_create, "sift": cv2.SIFT_create}
+_detectors = {}  # one detector per name and process (making one costs more than FAST on a 192 px crop)
 
 
 def keypoint_map(img, detector="fast"):
     """(H, W, 3) uint8 crop -> (H, W) uint8 map, 1 at each keypoint's (rounded) pixel (the paper's F).
     OpenCV defaults (FAST: threshold 10, non-max suppression). The RGB array is passed as is (OpenCV reads
     it as BGR for the grey conversion) to match the released keypoints exactly."""
-    img = np.ascontiguousarray(img)
+    if detector not in _detectors:
+        _detectors[detector] = DETECTORS[detector]()
+    kps = _detectors[detector].detect(np.ascontiguousarray(img), None)
     F = np.zeros(img.shape[:2], np.uint8)
-    for kp in DETECTORS[detector]().detect(img, None):
-        x, y = min(int(round(kp.pt[0])), F.shape[1] - 1), min(int(round(kp.pt[1])), F.shape[0] - 1)
-        F[y, x] = 1
+    if kps:
+        x, y = np.rint(cv2.KeyPoint_convert(kps)).astype(np.int64).T  # (x, y) per keypoint
+        F[np.minimum(y, F.shape[0] - 1), np.minimum(x, F.shape[1] - 1)] = 1
     return F
 
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision import transforms as T
 from torchvision.utils import save_image
 
 import data
@@ -151,16 +152,22 @@ def build_encoder(name, img_size, checkpoint=None):
 
 # ---- data hook ----
 
-def transforms(img_size):
-    """MAE's probe: train RandomResizedCrop scale (0.08, 1) bicubic + flip; val resize 256/224 x, centre crop."""
-    return data.crop_flip(img_size, (0.08, 1.0)), data.center_crop(img_size)
+def transforms(img_size, protocol="mae"):
+    """MAE's probe: train RandomResizedCrop scale (0.08, 1) bicubic + flip; val resize 256/224 x, centre crop.
+    KAMIM's (App. A, its fine-tuning augmentation): resize to img x img, TrivialAugmentWide, RandomErasing p 0.5;
+    val resize to img x img. Its MixUp / CutMix (50/50, on the batch) is NOT implemented here."""
+    if protocol != "kamim":
+        return data.crop_flip(img_size, (0.08, 1.0)), data.center_crop(img_size)
+    resize = T.Resize((img_size, img_size), interpolation=T.InterpolationMode.BICUBIC)
+    return (T.Compose([resize, T.TrivialAugmentWide(), data.normalize(), T.RandomErasing(p=0.5)]),
+            T.Compose([resize, data.normalize()]))
 
 
 @torch.no_grad()
-def cache_features(model, ds, img_size, batch, device):
+def cache_features(model, ds, img_size, batch, device, protocol="mae"):
     """The frozen tokens of every image once (centre crop, NO augmentation), for small datasets and sweeps:
     (n, P + N, D) float32 in host memory, computed in full on every rank."""
-    dl = torch.utils.data.DataLoader(data.Seeded(ds, transforms(img_size)[1]), batch, num_workers=0)
+    dl = torch.utils.data.DataLoader(data.Seeded(ds, transforms(img_size, protocol)[1]), batch, num_workers=0)
     toks, labels = [], []
     for x, y in dl:
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
@@ -214,12 +221,12 @@ def train(args, cache=None):
                   args.proxy_pool, args.abmilp_t).to(device)
     micro, accum = data.batch_split(args.batch_size, world, args.micro_batch)
     lr = args.lr * args.batch_size / args.ref_batch
-    train_tf, val_tf = transforms(args.img_size)
+    train_tf, val_tf = transforms(args.img_size, args.protocol)
     if args.cache_features:
         cache = {} if cache is None else cache
         for split, ds in (("train", train_ds), ("val", val_ds)):
             if split not in cache:
-                cache[split] = cache_features(model, ds, args.img_size, micro, device)
+                cache[split] = cache_features(model, ds, args.img_size, micro, device, args.protocol)
         train_set, val_set, workers = cache["train"], cache["val"], 0
     else:
         train_set, val_set, workers = data.Seeded(train_ds, train_tf, args.seed), data.Seeded(val_ds, val_tf), args.workers
@@ -278,12 +285,13 @@ def train(args, cache=None):
         opt.step()  # no gradient clipping: MAE's probe has none
         opt.zero_grad(set_to_none=True)
         done += 1
-        if (step + 1) % args.log_every == 0 and rank == 0:
-            data.check_finite(loss_sum, step, args.out)
+        if (step + 1) % args.log_every == 0:
+            data.check_finite(loss_sum, step, args.out)  # on every rank: one rank stopping alone would hang the rest
             dt = time.time() - t0
-            data.report(dict(epoch=epoch, step=step + 1, loss=loss_sum.item() / (step + 1 - last_log), lr=lr_now,
-                             img_s=n_img / dt, tflops=flops * n_img / dt / 1e12 if flops else None,
-                             mfu=vit.mfu(flops * n_img / dt, device) if flops else None), args.out)
+            if rank == 0:  # img/s and TFLOP/s over all processes, MFU per GPU
+                data.report(dict(epoch=epoch, step=step + 1, loss=loss_sum.item() / (step + 1 - last_log), lr=lr_now,
+                                 img_s=n_img / dt, tflops=flops * n_img / dt / 1e12 if flops else None,
+                                 mfu=vit.mfu(flops * n_img / dt / world, device) if flops else None), args.out)
             loss_sum.zero_()
             n_img, t0, last_log = 0, time.time(), step + 1
         epoch_end = (step + 1) % per_epoch == 0
@@ -340,7 +348,7 @@ PROTOCOLS = {  # the probe behind each paper's numbers (digest); every individua
     "kamim": dict(pool="avg", block=8, head_bn=False, optimizer="adamw", lr=5e-3, ref_batch=2048, batch_size=2048,
                   epochs=100, warmup_epochs=10, weight_decay=0.05, img_size=192),  # KAMIM App. A (SimMIM's probe)
     "semanticmim": dict(pool="cls", block=7, head_bn=True, optimizer="adamw", lr=4e-3, ref_batch=1024, batch_size=1024,
-                        epochs=100, warmup_epochs=0, weight_decay=1e-4, img_size=224),  # §4.1, BEiT's protocol
+                        epochs=100, warmup_epochs=0, weight_decay=1e-4, img_size=224),  # §4.1, BEiT's protocol; BN head: ours (unsaid)
 }
 
 
@@ -352,7 +360,8 @@ def parse_args(argv=None):
     a("--checkpoint", help="encoder checkpoint: ours ('encoder' key) or MAE / DeiT / DINO in the timm layout; absent: random init")
     a("--model", help="vit_demo / vit_t / vit_s / vit_b / vit_l / vit_h (default vit_b; demo vit_demo)")
     a("--protocol", default="mae", choices=PROTOCOLS, help="preset of the flags below: mae (Beyond [cls] §5, MAE's "
-      "probe; default), kamim (KAMIM App. A: block 8, avg, no BN, AdamW 5e-3), semanticmim (§4.1: block 7, AdamW 4e-3)")
+      "probe; default), kamim (KAMIM App. A: block 8, avg, no BN, AdamW 5e-3, TrivialAugment + RandomErasing; its "
+      "MixUp / CutMix is not implemented), semanticmim (§4.1: block 7, AdamW 4e-3)")
     a("--pool", choices=["cls", "avg", "abmilp", "all"], help="cls ([cls] / proxy tokens), avg (patch mean) or abmilp "
       "(eq. 6; mae preset); all = one probe each, side by side")
     a("--block", type=int, help="read the tokens after block K (1-indexed; default the last; SimMIM/KAMIM 8, SemanticMIM 7)")

@@ -82,9 +82,9 @@ def ema_update(teacher, student, m):
             t.mul_(m).add_(s, alpha=1 - m) if "running_" in name else t.copy_(s)
 
 
-def ema_momentum(step, total, base=0.996, cosine=False):
-    """§5.1: tau = 0.996 at every optimiser step. Released code (--ema-schedule cosine): BYOL's
-    1 - (1 - tau)(1 + cos(pi t / T)) / 2, from tau to 1 over the run (its argparse default tau 0.99996, its docs 0.996)."""
+def ema_momentum(step, total, base=0.996, cosine=True):
+    """§5.1's momentum 0.996, as the released code schedules it per optimiser step (BYOL):
+    1 - (1 - tau)(1 + cos(pi t / T)) / 2, from tau to 1 over the run. cosine=False keeps tau fixed."""
     return 1 - (1 - base) * (1 + math.cos(math.pi * step / total)) / 2 if cosine else base
 
 
@@ -236,7 +236,7 @@ def layer_decay_groups(model, weight_decay, decay):
             return int(name.split(".")[2]) + 1
         return 0 if name.startswith(("encoder.patch_embed", "encoder.cls_token")) else depth + 1
     groups = []
-    for g in vit.param_groups(model, weight_decay):
+    for g in vit.param_groups(model, weight_decay, decay_tokens=True):  # §5.1: decay all but biases and 1-D (MAE)
         by_layer = {}
         for p in g["params"]:
             by_layer.setdefault(layer(names[p]), []).append(p)
@@ -342,7 +342,7 @@ def parse_args(argv=None):
       "protocol); released code: sqrt, base x sqrt(batch) / 4: equal at 4096 only, 4x larger at 256")
     a("--epochs", type=int, default=None, help="§5.1: 1600 (ablations, Table 4: 400)")
     a("--warmup-epochs", type=int, default=None, help="§5.1: 40, linear from 0, then half-cosine to 0 per step")
-    a("--weight-decay", type=float, default=0.05, help="AdamW, none on biases, norms and tokens (MAE)")
+    a("--weight-decay", type=float, default=0.05, help="AdamW, §5.1: 0.05, none on biases and 1-D parameters")
     a("--betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW betas: §5.1 (0.9, 0.999); released code and "
       "MAE: 0.9 0.95")
     a("--layer-decay", type=float, default=0.65, help="layer-wise lr decay in pre-training as §5.1 states (0.65); the "
@@ -354,11 +354,11 @@ def parse_args(argv=None):
     a("--decoder-dim", type=int, default=None, help="MAE decoder width: 512 (demo 128)")
     a("--decoder-depth", type=int, default=None, help="§5.1: 8 blocks (demo 2)")
     a("--decoder-heads", type=int, default=None, help="MAE: 16 (demo 4)")
-    a("--alpha", type=float, default=0.25, help="eq. 3 weight of L_BC: 0.25 for ViT-B (§5.1, Table B); the paper uses "
-      "1.0 for ViT-S; 0 = plain MAE (no teacher, no heads)")
+    a("--alpha", type=float, default=None, help="eq. 3 weight of L_BC; §5.1, Table B: 0.25 for ViT-B (the default), "
+      "1.0 for ViT-S (the default with --model vit_s); 0 = plain MAE (no teacher, no heads)")
     a("--ema-momentum", type=float, default=0.996, help="teacher momentum tau per optimiser step, §5.1: 0.996")
-    a("--ema-schedule", default="const", choices=["const", "cosine"], help="const: tau at every step (§5.1); released "
-      "code: cosine from tau to 1")
+    a("--ema-schedule", default="cosine", choices=["const", "cosine"], help="cosine: from tau to 1 over the run per "
+      "optimiser step (the released code; §5.1 gives only tau); const: tau at every step")
     a("--head-hidden", type=int, default=4096, help="projector / predictor hidden width, §5.1: 4096")
     a("--two-view", action="store_true", help="released code: the context view is masked too (the next 25%% of view 1's "
       "random order, disjoint), both views through the student, cross-view L_BC averaged: 2.65x MAE's training FLOPs at "
@@ -380,6 +380,7 @@ def parse_args(argv=None):
     for k, v in (paper if args.data else demo).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    args.alpha = (1.0 if args.model == "vit_s" else 0.25) if args.alpha is None else args.alpha  # §5.1
     args.crop = args.crop or ("src" if args.alpha > 0 else "rrc")
     if not 0 < args.mask_ratio < 1:
         p.error(f"--mask-ratio must lie in (0, 1) (got {args.mask_ratio})")

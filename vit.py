@@ -188,14 +188,14 @@ def vit(name, img_size=224, **kw):
     return ViT(img_size=img_size, **{**CONFIGS[name], **kw})
 
 
-def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on biases, norms (every tensor with ndim < 2), tokens and
-    learned position embeddings."""
+def param_groups(model, weight_decay, decay_tokens=False):
+    """AdamW groups: no weight decay on biases and norms (every tensor with ndim < 2), nor, unless
+    decay_tokens (MAE's rule), on tokens and learned position embeddings."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or name.endswith("token") or "pos_embed" in name or name.endswith("proxies")
+        skip = p.ndim < 2 or not decay_tokens and (name.endswith("token") or "pos_embed" in name)
         (no_decay if skip else decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 

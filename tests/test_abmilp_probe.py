@@ -131,6 +131,16 @@ def small_demo(monkeypatch, n_train=96, n_val=48):
     monkeypatch.setattr(data, "dataset", lambda d, split, labelled=False: data.DemoShapes(split, n_train if split == "train" else n_val))
 
 
+def test_protocol_transforms():
+    from PIL import Image
+    img = Image.new("RGB", (400, 100), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 100, 100))  # the left quarter red
+    red = lambda x: x[0, :, 0].mean() > 0  # the output's left column is red (normalised R > 0)
+    (_, mae_val), (kamim_train, kamim_val) = ap.transforms(192), ap.transforms(192, "kamim")
+    assert mae_val(img).shape == kamim_val(img).shape == kamim_train(img).shape == (3, 192, 192)
+    assert red(kamim_val(img)) and not red(mae_val(img))  # KAMIM: resize to 192 x 192, no centre crop
+
+
 def test_each_pooling_trains_and_reports(tmp_path, monkeypatch):
     small_demo(monkeypatch)
     res = ap.main(["--img-size", "32", "--batch-size", "32", "--epochs", "8", "--log-every", "1", "--out", str(tmp_path)])

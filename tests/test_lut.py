@@ -109,10 +109,12 @@ def test_gradients_teacher_input_and_ema(two_view):
     assert not torch.equal(old["projector.1.running_mean"], m.teacher.state_dict()["projector.1.running_mean"])
 
 
-def test_ema_momentum_schedule():
-    assert lut.ema_momentum(500, 1000) == 0.996
-    assert lut.ema_momentum(0, 1000, cosine=True) == pytest.approx(0.996)
-    assert lut.ema_momentum(1000, 1000, cosine=True) == pytest.approx(1.0)
+def test_ema_momentum_schedule_and_paper_defaults():
+    assert lut.ema_momentum(500, 1000, cosine=False) == 0.996
+    assert lut.ema_momentum(0, 1000) == pytest.approx(0.996) and lut.ema_momentum(1000, 1000) == pytest.approx(1.0)
+    assert lut.ema_momentum(500, 1000) == pytest.approx(0.998)  # 1 - 0.004 (1 + cos(pi / 2)) / 2
+    b, s = lut.parse_args(["--data", "/x"]), lut.parse_args(["--data", "/x", "--model", "vit_s"])
+    assert (b.ema_schedule, b.alpha, s.alpha, lut.parse_args(["--model", "vit_s", "--alpha", "0"]).alpha) == ("cosine", 0.25, 1.0, 0)
 
 
 def test_lr_rules():
@@ -127,6 +129,8 @@ def test_layer_decay_groups():
     assert scale[id(m.encoder.patch_embed.proj.weight)] == 0.5 ** 5  # depth 4: layer 0
     assert scale[id(m.encoder.blocks[3].mlp.fc1.weight)] == 0.5 and scale[id(m.decoder_pred.weight)] == 1.0
     assert len(scale) == sum(p.requires_grad for p in m.parameters())
+    wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}  # §5.1: all but biases and 1-D decay
+    assert wd[id(m.encoder.cls_token)] == wd[id(m.mask_token)] == 0.05 and wd[id(m.encoder.norm.weight)] == 0
 
 
 @pytest.mark.parametrize("argv", [["--mask-ratio", "1"], ["--mask-ratio", "0"], ["--alpha", "-0.1"],

@@ -166,10 +166,14 @@ def test_demo_lowers_loss_and_resume_is_exact(tmp_path):
 
 def test_accumulation_equals_big_batch_and_nan_stops(tmp_path, monkeypatch):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    S.main(TINY + ["--out", a, "--max-steps", "2"])
-    S.main(TINY + ["--out", b, "--max-steps", "2", "--micro-batch", "2"])  # 4 micro-batches of 2 = 1 of 8
+    lr = ["--lr", "0.2", "--warmup-epochs", "0"]  # weights must move well beyond atol (the demo's lr hardly moves them)
+    S.main(TINY + lr + ["--out", a, "--max-steps", "2"])
+    S.main(TINY + lr + ["--out", b, "--max-steps", "2", "--micro-batch", "2"])  # 4 micro-batches of 2 = 1 of 8
     ca, cb = (torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True)["model"] for d in (a, b))
     assert all(torch.allclose(ca[k], cb[k], atol=1e-6) for k in ca)
+    torch.manual_seed(0)  # the runs' seed: their initial weights
+    init = S.SemanticMIM("vit_demo", 32, 8).state_dict()
+    assert max((ca[k] - init[k]).abs().max() for k in ca) > 1e-3  # the two steps moved the weights far beyond atol
     monkeypatch.setattr(S, "mim_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(SystemExit, match="non-finite"):
         S.main(TINY + ["--out", str(tmp_path / "c"), "--max-steps", "2"])

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision import transforms as T
+from torchvision.transforms import v2
 from torchvision.utils import save_image
 
 import data
@@ -141,33 +142,39 @@ def count_params(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def build_encoder(name, img_size, checkpoint=None):
+def build_encoder(name, img_size, checkpoint=None, in_chans=3):
     """vit.vit(name) loaded strictly from `checkpoint` (random init without one). The number of prefix
     tokens comes from the checkpoint's cls_token (1, P, D): SemanticMIM's has 8 proxies."""
-    sd = vit.read_state_dict(checkpoint) if checkpoint else None
-    P = next((v.shape[1] for k, v in sd.items() if k.endswith("cls_token")), 1) if sd else 1
-    enc = vit.vit(name, img_size, prefix_tokens=P)
-    return vit.load_encoder(enc, sd) if sd is not None else enc
+    sd = vit.read_state_dict(checkpoint) if checkpoint else {}
+    P = next((v.shape[1] for k, v in sd.items() if k.endswith("cls_token")), 1)
+    enc = vit.vit(name, img_size, prefix_tokens=P, in_chans=in_chans)
+    return vit.load_encoder(enc, sd) if sd else enc
 
 
 # ---- data hook ----
 
-def transforms(img_size, protocol="mae"):
+def transforms(img_size, protocol="mae", mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD):
     """MAE's probe: train RandomResizedCrop scale (0.08, 1) bicubic + flip; val resize 256/224 x, centre crop.
     KAMIM's (App. A, its fine-tuning augmentation): resize to img x img, TrivialAugmentWide, RandomErasing p 0.5;
-    val resize to img x img. Its MixUp / CutMix (50/50, on the batch) is NOT implemented here."""
+    val resize to img x img. Its MixUp / CutMix acts on whole batches: mix_batch."""
     if protocol != "kamim":
-        return data.crop_flip(img_size, (0.08, 1.0)), data.center_crop(img_size)
-    resize = T.Resize((img_size, img_size), interpolation=T.InterpolationMode.BICUBIC)
-    return (T.Compose([resize, T.TrivialAugmentWide(), data.normalize(), T.RandomErasing(p=0.5)]),
-            T.Compose([resize, data.normalize()]))
+        return data.crop_flip(img_size, (0.08, 1.0), mean, std), data.center_crop(img_size, mean, std)
+    resize = T.Resize(data.image_size(img_size), interpolation=T.InterpolationMode.BICUBIC)
+    return (T.Compose([resize, T.TrivialAugmentWide(), data.normalize(mean, std), T.RandomErasing(p=0.5)]),
+            T.Compose([resize, data.normalize(mean, std)]))
+
+
+def mix_batch(num_classes):
+    """KAMIM App. A (released code: torchvision's, alpha 1): per batch, MixUp or CutMix with equal probability.
+    (x (B, C, H, W), y (B,)) -> (mixed x, soft labels (B, K)) for cross-entropy on probabilities."""
+    return v2.RandomChoice([v2.MixUp(alpha=1.0, num_classes=num_classes), v2.CutMix(alpha=1.0, num_classes=num_classes)])
 
 
 @torch.no_grad()
-def cache_features(model, ds, img_size, batch, device, protocol="mae"):
+def cache_features(model, ds, img_size, batch, device, protocol="mae", mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD):
     """The frozen tokens of every image once (centre crop, NO augmentation), for small datasets and sweeps:
     (n, P + N, D) float32 in host memory, computed in full on every rank."""
-    dl = torch.utils.data.DataLoader(data.Seeded(ds, transforms(img_size, protocol)[1]), batch, num_workers=0)
+    dl = torch.utils.data.DataLoader(data.Seeded(ds, transforms(img_size, protocol, mean, std)[1]), batch, num_workers=0)
     toks, labels = [], []
     for x, y in dl:
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
@@ -195,7 +202,7 @@ def evaluate(model, dl, device):
 
 
 @torch.no_grad()
-def save_scores(model, imgs, path):
+def save_scores(model, imgs, path, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD):
     """Fig. 8: which patches the pooling selects. Top row the images, bottom row the images weighted by the
     patch scores (AbMILP's s; for cls / avg the head-mean [cls] attention of the probed block, Table 4)."""
     model.eval()
@@ -204,8 +211,7 @@ def save_scores(model, imgs, path):
     s = model.pooled(tokens)[1] if model.pool == "abmilp" else attns[-1][:, :, :P, P:].mean((1, 2))  # (B, N)
     s = (s / s.amax(1, keepdim=True)).view(-1, 1, *enc.grid)
     heat = F.interpolate(s.float(), size=imgs.shape[-2:], mode="nearest")
-    mean, std = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
-    img = (imgs.cpu() * std + mean).clamp(0, 1)
+    img = data.denormalize(imgs, mean, std).cpu()
     save_image(torch.cat([img, img * (0.3 + 0.7 * heat.cpu())]), path, nrow=len(imgs))
     model.train()
 
@@ -215,18 +221,19 @@ def save_scores(model, imgs, path):
 def train(args, cache=None):
     """Train one probe; returns (top-1, top-5) on val. `cache`: a dict shared between calls (--cache-features)."""
     rank, world, device = data.setup(args.seed)
-    encoder = build_encoder(args.model, args.img_size, args.checkpoint)  # fails here, before any data is read
+    encoder = build_encoder(args.model, args.img_size, args.checkpoint, args.in_chans)  # fails here, before any data is read
     train_ds, val_ds = data.dataset(args.data, "train", labelled=True), data.dataset(args.data, "val", labelled=True)
     model = Probe(encoder, len(train_ds.classes), args.pool, args.block, args.final_norm, args.head_bn,
                   args.proxy_pool, args.abmilp_t).to(device)
     micro, accum = data.batch_split(args.batch_size, world, args.micro_batch)
     lr = args.lr * args.batch_size / args.ref_batch
-    train_tf, val_tf = transforms(args.img_size, args.protocol)
+    train_tf, val_tf = transforms(args.img_size, args.protocol, args.mean, args.std)
+    mix = mix_batch(len(train_ds.classes)) if args.mix else None
     if args.cache_features:
         cache = {} if cache is None else cache
         for split, ds in (("train", train_ds), ("val", val_ds)):
             if split not in cache:
-                cache[split] = cache_features(model, ds, args.img_size, micro, device, args.protocol)
+                cache[split] = cache_features(model, ds, args.img_size, micro, device, args.protocol, args.mean, args.std)
         train_set, val_set, workers = cache["train"], cache["val"], 0
     else:
         train_set, val_set, workers = data.Seeded(train_ds, train_tf, args.seed), data.Seeded(val_ds, val_tf), args.workers
@@ -275,6 +282,7 @@ def train(args, cache=None):
             g["lr"] = lr_now
         for i, (x, y) in enumerate(micro_batches):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = mix(x, y) if mix else (x, y)  # soft labels (B, K) after MixUp / CutMix
             sync = ddp.no_sync() if world > 1 and i < accum - 1 else contextlib.nullcontext()
             with sync:
                 with amp:
@@ -299,7 +307,7 @@ def train(args, cache=None):
             result = evaluate(model, val_dl, device)
             if rank == 0:
                 data.report(dict(epoch=epoch, step=step + 1, pool=args.pool, top1=result[0], top5=result[1]), args.out)
-                save_scores(model, fig_imgs, os.path.join(args.out, f"scores_epoch{epoch:03d}.png"))
+                save_scores(model, fig_imgs, os.path.join(args.out, f"scores_epoch{epoch:03d}.png"), args.mean, args.std)
         if epoch_end or (step + 1) % args.save_every == 0 or step + 1 == total or done == args.max_steps:
             save()
         if done == args.max_steps:
@@ -313,8 +321,8 @@ def train(args, cache=None):
 def attention_statistics(args):
     """§4 over the val split: the four statistics per block, averaged over heads and images -> JSON + table."""
     rank, world, device = data.setup(args.seed)
-    enc = build_encoder(args.model, args.img_size, args.checkpoint).to(device).eval()
-    dl = data.loader(data.Seeded(data.dataset(args.data, "val", labelled=True), transforms(args.img_size)[1]),
+    enc = build_encoder(args.model, args.img_size, args.checkpoint, args.in_chans).to(device).eval()
+    dl = data.loader(data.Seeded(data.dataset(args.data, "val", labelled=True), transforms(args.img_size, "mae", args.mean, args.std)[1]),
                      args.micro_batch, train=False, workers=args.workers)
     data.set_epoch(dl, 0)
     sums, n = torch.zeros(len(enc.blocks), 4, device=device), torch.zeros((), device=device)
@@ -346,7 +354,7 @@ PROTOCOLS = {  # the probe behind each paper's numbers (digest); every individua
     "mae": dict(pool="abmilp", block=None, head_bn=True, optimizer="lars", lr=0.1, ref_batch=256, batch_size=16384,
                 epochs=90, warmup_epochs=10, weight_decay=0.0, img_size=224),  # Beyond [cls] §5 = MAE's probe
     "kamim": dict(pool="avg", block=8, head_bn=False, optimizer="adamw", lr=5e-3, ref_batch=2048, batch_size=2048,
-                  epochs=100, warmup_epochs=10, weight_decay=0.05, img_size=192),  # KAMIM App. A (SimMIM's probe)
+                  epochs=100, warmup_epochs=10, weight_decay=0.05, img_size=192, mix=True),  # KAMIM App. A (SimMIM's probe)
     "semanticmim": dict(pool="cls", block=7, head_bn=True, optimizer="adamw", lr=4e-3, ref_batch=1024, batch_size=1024,
                         epochs=100, warmup_epochs=0, weight_decay=1e-4, img_size=224),  # §4.1, BEiT's protocol; BN head: ours (unsaid)
 }
@@ -360,8 +368,8 @@ def parse_args(argv=None):
     a("--checkpoint", help="encoder checkpoint: ours ('encoder' key) or MAE / DeiT / DINO in the timm layout; absent: random init")
     a("--model", help="vit_demo / vit_t / vit_s / vit_b / vit_l / vit_h (default vit_b; demo vit_demo)")
     a("--protocol", default="mae", choices=PROTOCOLS, help="preset of the flags below: mae (Beyond [cls] §5, MAE's "
-      "probe; default), kamim (KAMIM App. A: block 8, avg, no BN, AdamW 5e-3, TrivialAugment + RandomErasing; its "
-      "MixUp / CutMix is not implemented), semanticmim (§4.1: block 7, AdamW 4e-3)")
+      "probe; default), kamim (KAMIM App. A: block 8, avg, no BN, AdamW 5e-3, TrivialAugment + RandomErasing, "
+      "MixUp / CutMix), semanticmim (§4.1: block 7, AdamW 4e-3)")
     a("--pool", choices=["cls", "avg", "abmilp", "all"], help="cls ([cls] / proxy tokens), avg (patch mean) or abmilp "
       "(eq. 6; mae preset); all = one probe each, side by side")
     a("--block", type=int, help="read the tokens after block K (1-indexed; default the last; SimMIM/KAMIM 8, SemanticMIM 7)")
@@ -383,7 +391,12 @@ def parse_args(argv=None):
     a("--weight-decay", type=float, help="mae 0, kamim 0.05, semanticmim 1e-4")
     a("--momentum", type=float, default=0.9, help="LARS momentum (MAE: 0.9)")
     a("--trust", type=float, default=0.001, help="LARS trust coefficient eta (MAE: 0.001)")
-    a("--img-size", type=int, help="mae 224, kamim 192, semanticmim 224 (val resizes to img * 256/224, centre crop)")
+    a("--img-size", type=data.image_size, help="mae 224, kamim 192, semanticmim 224 (val resizes to img * 256/224, centre "
+      "crop); HxW (e.g. 224x320) for a non-square input")
+    a("--in-chans", type=int, default=3, choices=[1, 3], help="image channels, as in pretraining: 3 (RGB) or 1 (grayscale)")
+    a("--mean", type=float, nargs="+", help="normalisation mean per channel, as in pretraining (default ImageNet's)")
+    a("--std", type=float, nargs="+", help="normalisation std per channel, as in pretraining (default ImageNet's)")
+    a("--mix", action=argparse.BooleanOptionalAction, help="MixUp or CutMix per batch, alpha 1 (kamim preset; no cache)")
     a("--cache-features", action=argparse.BooleanOptionalAction, help="compute the frozen tokens once (centre crop, "
       "no augmentation) and train on them: fast for small data and sweeps, held in memory (on in the demo)")
     a("--attention-stats", action="store_true", help="§4: write the per-block attention statistics over val, no probe")
@@ -402,9 +415,18 @@ def parse_args(argv=None):
         preset.update(img_size=64, batch_size=256, epochs=30, warmup_epochs=1, pool="all", lr=6.4)
     elif args.protocol == "mae" and args.model in ("vit_l", "vit_h"):
         preset.update(epochs=50)
+    mix_given = args.mix
     for k, v in preset.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.mix and args.cache_features and mix_given:
+        p.error("--mix needs image batches: it cannot run with --cache-features")
+    args.mix = bool(args.mix) and not args.cache_features  # cached tokens cannot be mixed: the preset gives way
+    args.img_size = data.image_size(args.img_size)
+    try:
+        args.mean, args.std = data.channel_stats(args.in_chans, args.mean, args.std)
+    except ValueError as e:
+        p.error(str(e))
     if args.model not in vit.CONFIGS:
         p.error(f"--model {args.model}: choose one of {', '.join(vit.CONFIGS)}")
     depth = vit.CONFIGS[args.model]["depth"]
@@ -413,7 +435,7 @@ def parse_args(argv=None):
         p.error(f"--block {args.block} is outside {args.model}'s blocks 1..{depth}")
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         p.error(f"--checkpoint {args.checkpoint} does not exist")
-    if args.img_size % vit.CONFIGS[args.model]["patch_size"]:
+    if any(s % vit.CONFIGS[args.model]["patch_size"] for s in args.img_size):
         p.error(f"--img-size {args.img_size} is not a multiple of {args.model}'s patch size")
     for k in ("batch_size", "micro_batch", "epochs", "ref_batch", "log_every", "save_every"):
         if getattr(args, k) < 1:

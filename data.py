@@ -115,29 +115,55 @@ def dataset(data, split, labelled=False):
 
 # ---- augmentations (PIL in; what each returns is said) ----
 
+def image_size(size):
+    """--img-size: 192 or "192" -> (192, 192); "192x256" -> (height 192, width 256). Non-square inputs work
+    everywhere a size is taken here (both sides must divide by the patch, and the mask cell where there is one)."""
+    if isinstance(size, (tuple, list)):
+        return tuple(size)
+    h, _, w = str(size).partition("x")
+    return int(h), int(w or h)
+
+
+def channel_stats(in_chans=3, mean=None, std=None):
+    """Per-channel (mean, std) for --in-chans: ImageNet's by default; with one channel (images read as
+    grayscale) the averages of ImageNet's. Given values must have in_chans entries."""
+    mean = mean or (IMAGENET_MEAN if in_chans == 3 else (sum(IMAGENET_MEAN) / 3,) * in_chans)
+    std = std or (IMAGENET_STD if in_chans == 3 else (sum(IMAGENET_STD) / 3,) * in_chans)
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise ValueError(f"--mean / --std need {in_chans} values each for --in-chans {in_chans} (got {len(mean)} and {len(std)})")
+    return tuple(mean), tuple(std)
+
+
 def normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """PIL or uint8 HxWxC array -> float tensor (C, H, W), [0, 1] then mean / std."""
-    return T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    """PIL -> float tensor (C, H, W), C = len(mean) (1: grayscale, PIL's "L"): [0, 1] then mean / std."""
+    return T.Compose(([T.Grayscale(1)] if len(mean) == 1 else []) + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+def denormalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """For figures: (B, C, H, W) normalised -> (B, 3, H, W) in [0, 1] (one channel shown as grey)."""
+    m, s = (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) for v in (mean, std))
+    return (x * s + m).clamp(0, 1).expand(-1, 3, -1, -1)
 
 
 def kamim_crop(img_size=192):
     """KAMIM / SimMIM (§4.1): random resized crop, scale (0.67, 1), ratio (3/4, 4/3), then vertical and
     horizontal flips, p 0.5 each. Returns PIL: keypoints are found on this uint8 crop, then normalize()."""
-    return T.Compose([T.RandomResizedCrop(img_size, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3)),
+    return T.Compose([T.RandomResizedCrop(image_size(img_size), scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3)),
                       T.RandomVerticalFlip(), T.RandomHorizontalFlip()])
 
 
 def mae_transform(img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """MAE pretraining: random resized crop scale (0.2, 1), bicubic, horizontal flip -> normalised tensor."""
-    return T.Compose([T.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+    return T.Compose([T.RandomResizedCrop(image_size(img_size), scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip(), normalize(mean, std)])
 
 
 def simple_resized_crop(img_size=224):
-    """LUT's SRC (Table 4f, from DeiT III): shorter side to img_size (bicubic), random crop with 4 px
-    reflect padding, horizontal flip. Returns PIL."""
-    return T.Compose([T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomCrop(img_size, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip()])
+    """LUT's SRC (Table 4f, from DeiT III): shorter side to img_size (bicubic; the longer side of a
+    non-square size), random crop with 4 px reflect padding, horizontal flip. Returns PIL."""
+    size = image_size(img_size)
+    return T.Compose([T.Resize(max(size), interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomCrop(size, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip()])
 
 
 def three_augment():
@@ -147,32 +173,34 @@ def three_augment():
                       T.RandomChoice([T.Grayscale(3), T.RandomSolarize(128, p=1.0), T.GaussianBlur(9, (0.1, 2.0))])])
 
 
-def crop_flip(img_size=224, scale=(0.08, 1.0)):
+def crop_flip(img_size=224, scale=(0.08, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Random resized crop (bicubic) + horizontal flip -> normalised tensor: the linear probe's training
     transform (MAE, scale (0.08, 1)) and SemanticMIM's pretraining one (scale (0.5, 1), App. E)."""
-    return T.Compose([T.RandomResizedCrop(img_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), normalize()])
+    return T.Compose([T.RandomResizedCrop(image_size(img_size), scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), normalize(mean, std)])
 
 
-def center_crop(img_size=224):
-    """Evaluation: resize to img_size * 256 / 224 (bicubic), centre crop img_size -> normalised tensor."""
-    return T.Compose([T.Resize(int(img_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(img_size), normalize()])
+def center_crop(img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Evaluation: resize to img_size * 256 / 224 (bicubic; the longer side of a non-square size), centre crop
+    img_size -> normalised tensor."""
+    size = image_size(img_size)
+    return T.Compose([T.Resize(int(max(size) * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(size), normalize(mean, std)])
 
 
 # ---- masks ----
 
 def simmim_mask(img_size=192, mask_patch=32, model_patch=16, ratio=0.6):
     """SimMIM: mask ceil(ratio * cells) of the (img/mask_patch)^2 cells at random (22 of 36 at the
-    defaults), expanded to the model's patch grid. Returns (H, W) uint8, 1 = masked."""
-    if img_size % mask_patch or mask_patch % model_patch:
+    defaults), expanded to the model's patch grid. Returns (h, w) uint8 on the token grid, 1 = masked."""
+    (H, W), n = image_size(img_size), mask_patch // model_patch
+    if H % mask_patch or W % mask_patch or mask_patch % model_patch:
         raise ValueError(f"mask patch {mask_patch} must divide the image size {img_size} and be a multiple "
                          f"of the model's patch {model_patch}")
-    g = img_size // mask_patch
-    mask = torch.zeros(g * g, dtype=torch.uint8)
-    mask[torch.randperm(g * g)[:math.ceil(ratio * g * g)]] = 1
-    k = mask_patch // model_patch
-    return mask.view(g, g).repeat_interleave(k, 0).repeat_interleave(k, 1)
+    gh, gw = H // mask_patch, W // mask_patch
+    mask = torch.zeros(gh * gw, dtype=torch.uint8)
+    mask[torch.randperm(gh * gw)[:math.ceil(ratio * gh * gw)]] = 1
+    return mask.view(gh, gw).repeat_interleave(n, 0).repeat_interleave(n, 1)
 
 
 def random_masking(B, N, ratio, device=None):

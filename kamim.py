@@ -128,10 +128,11 @@ def train_flops(model):
 # ---- data hook ----
 
 class KamimTransform:
-    """PIL -> (normalised image (3, d, d), mask (d/p, d/p) uint8 1 = masked[, point map F (d, d) uint8]).
-    Keypoints are found on the augmented uint8 crop, after both flips, before normalisation (§4.1)."""
-    def __init__(self, img_size, model_patch, mask_patch=32, mask_ratio=0.6, detector="fast"):
-        self.crop, self.norm = data.kamim_crop(img_size), data.normalize()
+    """PIL -> (normalised image (C, H, W), mask (H/p, W/p) uint8 1 = masked[, point map F (H, W) uint8]).
+    Keypoints are found on the augmented uint8 RGB crop, after both flips, before normalisation (§4.1)."""
+    def __init__(self, img_size, model_patch, mask_patch=32, mask_ratio=0.6, detector="fast",
+                 mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD):
+        self.crop, self.norm = data.kamim_crop(img_size), data.normalize(mean, std)
         self.mask_args, self.detector = (img_size, mask_patch, model_patch, mask_ratio), detector  # no lambda: picklable
 
     def __call__(self, img):
@@ -143,15 +144,14 @@ class KamimTransform:
 
 
 @torch.no_grad()
-def save_figure(model, batch, path, n=8):
+def save_figure(model, batch, path, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD, n=8):
     """Figs. 1-2: rows = input, masked input, W (scaled to its max), reconstruction pasted into the masked
-    cells. Images are un-normalised with ImageNet's mean/std for display."""
+    cells. Images are un-normalised with the training mean / std for display."""
     img, mask, points = batch[0][:n], batch[1][:n], (batch[2][:n] if len(batch) > 2 else None)
     pred = model.predict(img, mask).float()
     p = model.encoder.patch_size
     m = mask.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None].float()
-    mean, std = (torch.tensor(v, device=img.device).view(1, 3, 1, 1) for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
-    show = lambda x: (x * std + mean).clamp(0, 1)
+    show = lambda x: data.denormalize(x, mean, std)
     rows = [show(img), show(img) * (1 - m)]
     if points is not None:
         W = model.weights(points)
@@ -167,14 +167,14 @@ def train(args):
     cuda = device.type == "cuda"
     micro, accum = data.batch_split(args.batch_size, world, args.micro_batch or args.batch_size)
     lr = args.lr * args.batch_size / REF_BATCH  # linear scaling rule (released code)
-    encoder = vit.vit(args.model, img_size=args.img_size)
+    encoder = vit.vit(args.model, img_size=args.img_size, in_chans=args.in_chans)
     model = KAMIM(encoder, args.wps, args.temperature, args.keypoints == "circles",
                   20.0 if args.clip_logits else None).to(device)
     groups = ([dict(params=list(model.parameters()), weight_decay=args.weight_decay)] if args.decay_all
               else vit.param_groups(model, args.weight_decay))
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), **({"fused": True} if cuda else {}))
     ds = data.Seeded(data.dataset(args.data, "train"), KamimTransform(args.img_size, encoder.patch_size, args.mask_patch,
-                                                                     args.mask_ratio, args.detector), args.seed)
+                                                                     args.mask_ratio, args.detector, args.mean, args.std), args.seed)
     dl = data.loader(ds, micro, train=True, workers=args.workers, seed=args.seed)
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
@@ -225,7 +225,7 @@ def train(args):
             if rank == 0:
                 data.save_run(args.out, model, opt, step, args)
         if end_of_epoch and rank == 0:
-            save_figure(model, last, os.path.join(args.out, f"epoch{epoch:03d}.png"))
+            save_figure(model, last, os.path.join(args.out, f"epoch{epoch:03d}.png"), args.mean, args.std)
         if done == args.max_steps:
             break
     if world > 1:
@@ -240,7 +240,10 @@ def parse_args(argv=None):
       "demo (DemoShapes) with vit_demo at 96 px, mask patch 16, wps 4 (the paper's 12x12 token / 6x6 mask-cell / "
       "24x24 weight geometry at half scale), batch 128, 6 epochs (1 warmup)")
     a("--model", default=None, choices=list(vit.CONFIGS), help="encoder; the paper: vit_t / vit_s / vit_b (default vit_b)")
-    a("--img-size", type=int, default=None, help="crop size; §4.1: 192")
+    a("--img-size", type=data.image_size, default=None, help="crop size; §4.1: 192; HxW (e.g. 192x256) for a non-square one")
+    a("--in-chans", type=int, default=3, choices=[1, 3], help="image channels: 3 (RGB) or 1 (images read as grayscale)")
+    a("--mean", type=float, nargs="+", help="per-channel normalisation mean (default ImageNet's; one channel: its average)")
+    a("--std", type=float, nargs="+", help="per-channel normalisation std (default ImageNet's; one channel: its average)")
     a("--batch-size", type=int, default=None, help="GLOBAL batch; released code: 2048 (the paper gives none)")
     a("--micro-batch", type=int, default=None, help="most images per GPU per forward; accumulation reaches --batch-size")
     a("--lr", type=float, default=8e-4, help="peak lr at batch 2048 (§4.1: 8e-4), scaled linearly to --batch-size")
@@ -274,10 +277,14 @@ def parse_args(argv=None):
     for k, v in (paper if args.data else demo).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    patch = vit.CONFIGS[args.model]["patch_size"]
-    if args.img_size % args.wps:
+    patch, args.img_size = vit.CONFIGS[args.model]["patch_size"], data.image_size(args.img_size)
+    try:
+        args.mean, args.std = data.channel_stats(args.in_chans, args.mean, args.std)
+    except ValueError as e:
+        p.error(str(e))
+    if any(s % args.wps for s in args.img_size):
         p.error(f"--wps {args.wps} does not divide --img-size {args.img_size}")
-    if args.img_size % args.mask_patch or args.mask_patch % patch:
+    if any(s % args.mask_patch for s in args.img_size) or args.mask_patch % patch:
         p.error(f"--mask-patch {args.mask_patch} must divide --img-size {args.img_size} and be a multiple of "
                 f"{args.model}'s patch {patch}")
     if args.temperature <= 0:

@@ -197,18 +197,18 @@ class Views:
     """PIL -> (reconstruction view,) or, for LUT, (reconstruction view, context view), each an independent
     crop. LUT (Table 4f): simple resized crop (SRC); the context view adds colour jitter + three-augment.
     MAE (--alpha 0) uses its own random resized crop (0.2, 1) by default (Table 4f: SRC costs MAE 0.3 ft)."""
-    def __init__(self, img_size, crop="src", two=True):
-        self.recon = (T.Compose([data.simple_resized_crop(img_size), data.normalize()]) if crop == "src"
-                      else data.mae_transform(img_size))  # MAE: RRC (0.2, 1) bicubic + flip + normalise
+    def __init__(self, img_size, crop="src", two=True, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD):
+        self.recon = (T.Compose([data.simple_resized_crop(img_size), data.normalize(mean, std)]) if crop == "src"
+                      else data.mae_transform(img_size, mean, std))  # MAE: RRC (0.2, 1) bicubic + flip + normalise
         crop = T.Compose(self.recon.transforms[:-1])  # the crop (+ flip) before normalising: the context view's too
-        self.context = T.Compose([crop, data.three_augment(), data.normalize()]) if two else None
+        self.context = T.Compose([crop, data.three_augment(), data.normalize(mean, std)]) if two else None
 
     def __call__(self, img):
         return (self.recon(img),) if self.context is None else (self.recon(img), self.context(img))
 
 
 @torch.no_grad()
-def save_figure(model, img, path, seed=0):
+def save_figure(model, img, path, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD, seed=0):
     """Rows: input, masked input, prediction, the visible patches with the prediction in the masked ones. With norm-pix
     targets the prediction is un-normalised with the input patch's own mean / std, for display only."""
     p, grid = model.encoder.patch_size, model.encoder.grid
@@ -219,8 +219,7 @@ def save_figure(model, img, path, seed=0):
     if model.norm_pix:
         pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
     m = mask[..., None].expand_as(target)  # 1 = removed
-    mean, std = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
-    show = lambda x: (unpatchify(x, p, grid).cpu() * std + mean).clamp(0, 1)
+    show = lambda x: data.denormalize(unpatchify(x, p, grid, img.shape[1]), mean, std).cpu()
     rows = [show(target), show(target * (1 - m)), show(pred), show(target * (1 - m) + pred * m)]
     save_image(torch.cat(rows), path, nrow=img.shape[0])
 
@@ -255,12 +254,13 @@ def train(args):
     cuda = device.type == "cuda"
     micro, accum = data.batch_split(args.batch_size, world, args.micro_batch or args.batch_size)
     lr = scaled_lr(args.lr, args.batch_size, args.lr_scaling)
-    encoder = vit.vit(args.model, img_size=args.img_size)
+    encoder = vit.vit(args.model, img_size=args.img_size, in_chans=args.in_chans)
     model = LUT(encoder, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.mask_ratio, args.norm_pix_loss,
                 args.alpha, args.head_hidden, args.two_view).to(device)
     opt = torch.optim.AdamW(layer_decay_groups(model, args.weight_decay, args.layer_decay), lr=lr, betas=tuple(args.betas),
                             **({"fused": True} if cuda else {}))
-    ds = data.Seeded(data.dataset(args.data, "train"), Views(args.img_size, args.crop, args.alpha > 0), args.seed)
+    ds = data.Seeded(data.dataset(args.data, "train"), Views(args.img_size, args.crop, args.alpha > 0, args.mean, args.std),
+                     args.seed)
     dl = data.loader(ds, micro, train=True, workers=args.workers, seed=args.seed)
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
@@ -320,7 +320,7 @@ def train(args):
             if rank == 0:
                 data.save_run(args.out, model, opt, step, args)
         if end_of_epoch and rank == 0:
-            save_figure(model, last[:8], os.path.join(args.out, f"epoch{epoch:03d}.png"))
+            save_figure(model, last[:8], os.path.join(args.out, f"epoch{epoch:03d}.png"), args.mean, args.std)
         if done == args.max_steps:
             break
     if world > 1:
@@ -334,7 +334,10 @@ def parse_args(argv=None):
     a("--data", default=None, help="ImageNet folder (PATH/train/...) or a folder of images; absent = the built-in demo "
       "(DemoShapes) with vit_demo at 64 px (patch 8), a 128-wide 2-block decoder, batch 64, 6 epochs (1 warmup), 1 worker")
     a("--model", default=None, choices=list(vit.CONFIGS), help="encoder; §5.1: vit_s / vit_b / vit_l (default vit_b)")
-    a("--img-size", type=int, default=None, help="§5.1: 224")
+    a("--img-size", type=data.image_size, default=None, help="§5.1: 224; HxW (e.g. 224x320) for a non-square input")
+    a("--in-chans", type=int, default=3, choices=[1, 3], help="image channels: 3 (RGB) or 1 (images read as grayscale)")
+    a("--mean", type=float, nargs="+", help="per-channel normalisation mean (default ImageNet's; one channel: its average)")
+    a("--std", type=float, nargs="+", help="per-channel normalisation std (default ImageNet's; one channel: its average)")
     a("--batch-size", type=int, default=None, help="GLOBAL batch, §5.1: 4096")
     a("--micro-batch", type=int, default=128, help="most images per GPU per forward; accumulation reaches --batch-size")
     a("--lr", type=float, default=1.5e-4, help="base lr per 256 images, §5.1: 1.5e-4 (2.4e-3 at batch 4096)")
@@ -392,7 +395,12 @@ def parse_args(argv=None):
         p.error(f"--ema-momentum must lie in [0, 1] (got {args.ema_momentum})")
     if not 0 < args.layer_decay <= 1:
         p.error(f"--layer-decay must lie in (0, 1] (got {args.layer_decay})")
-    if args.img_size % vit.CONFIGS[args.model]["patch_size"]:
+    args.img_size = data.image_size(args.img_size)
+    try:
+        args.mean, args.std = data.channel_stats(args.in_chans, args.mean, args.std)
+    except ValueError as e:
+        p.error(str(e))
+    if any(s % vit.CONFIGS[args.model]["patch_size"] for s in args.img_size):
         p.error(f"--img-size {args.img_size} is not divisible by {args.model}'s patch size")
     if args.warmup_epochs > args.epochs:
         p.error(f"--warmup-epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")

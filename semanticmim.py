@@ -129,10 +129,10 @@ class SemanticMIM(nn.Module):
     blocks (training only) + a shared [MASK] token + a linear head to the target. proxies = 0 is the
     vanilla MIM of eq. 2. forward(img (B, C, H, W), mask (B, N) bool, True = masked) -> (loss, terms)."""
     def __init__(self, model="vit_b", img_size=224, proxies=8, mask_ratio=0.6, target="hog", hog_bins=9,
-                 hog_cell=8, hog_window=0, l1=False, drop_path=0.0):
+                 hog_cell=8, hog_window=0, l1=False, drop_path=0.0, in_chans=3):
         super().__init__()
         # the proxies are "multiple [CLS] tokens" (§4.1): each drawn independently, trunc-normal 0.02, no position
-        self.encoder = vit.vit(model, img_size, prefix_tokens=max(proxies, 1), drop_path=drop_path)
+        self.encoder = vit.vit(model, img_size, prefix_tokens=max(proxies, 1), drop_path=drop_path, in_chans=in_chans)
         enc = self.encoder
         D, N, p = enc.dim, enc.grid[0] * enc.grid[1], enc.patch_size
         self.proxies, self.n_mask, self.target, self.l1 = proxies, mask_count(N, mask_ratio), target, l1
@@ -218,11 +218,11 @@ def data_hook(args, model):
     """App. E, Table 2 (MaskFeat): random resized crop scale (0.5, 1), flip 0.5, no colour jitter; plus the
     per-image random mask, drawn here so each sample is a pure function of (seed, epoch, index)."""
     enc = model.encoder
-    crop = data.crop_flip(args.img_size, scale=(args.crop_min, 1.0))
+    crop = data.crop_flip(args.img_size, (args.crop_min, 1.0), args.mean, args.std)
     return functools.partial(masked_view, crop=crop, n_patches=enc.grid[0] * enc.grid[1], n_mask=model.n_mask)
 
 
-def save_figure(model, path, img):
+def save_figure(model, path, img, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD):
     """One row per image: the image, then each proxy's (or the [CLS]'s) attention map, each min-max scaled."""
     was = model.training
     model.eval()
@@ -232,8 +232,7 @@ def save_figure(model, path, img):
     lo, hi = a.flatten(2).amin(-1)[..., None, None], a.flatten(2).amax(-1)[..., None, None]
     a = (a - lo) / (hi - lo).clamp_min(1e-12)  # min-max per map: early in training the maps are near uniform
     a = F.interpolate(a, size=img.shape[-2:], mode="nearest")[:, :, None].expand(-1, -1, 3, -1, -1)
-    mean, std = (torch.tensor(v, device=img.device).view(1, 3, 1, 1) for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
-    rows = torch.cat([(img * std + mean).clamp(0, 1)[:, None], a], dim=1)  # (B, 1 + P, 3, H, W)
+    rows = torch.cat([data.denormalize(img, mean, std)[:, None], a], dim=1)  # (B, 1 + P, 3, H, W)
     save_image(rows.flatten(0, 1), path, nrow=rows.shape[1], padding=2)
 
 
@@ -244,7 +243,7 @@ def train(args):
     micro, accum = data.batch_split(args.batch_size, world, args.micro_batch)
     lr = args.lr * args.batch_size / REF_BATCH
     model = SemanticMIM(args.model, args.img_size, args.proxies, args.mask_ratio, args.target, args.hog_bins,
-                        args.hog_cell, args.hog_window, args.loss == "l1", args.drop_path).to(device)
+                        args.hog_cell, args.hog_window, args.loss == "l1", args.drop_path, args.in_chans).to(device)
     ds = data.Seeded(data.dataset(args.data, "train"), data_hook(args, model), args.seed)
     dl = data.loader(ds, micro, workers=args.workers, seed=args.seed)
     per_epoch = len(dl) // accum
@@ -266,7 +265,7 @@ def train(args):
         data.log_json(os.path.join(args.out, "log.jsonl"), data.run_info(args, device))
     ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
     fwd = torch.compile(ddp) if args.compile else ddp
-    fig_img = torch.stack([data.center_crop(args.img_size)(ds.base[i][0]) for i in range(4)]).to(device)
+    fig_img = torch.stack([data.center_crop(args.img_size, args.mean, args.std)(ds.base[i][0]) for i in range(4)]).to(device)
     running, n_log, t0 = torch.zeros((), device=device), 0, time.time()
     for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start):
         for g in opt.param_groups:
@@ -303,7 +302,7 @@ def train(args):
             if rank == 0:
                 data.save_run(args.out, model, opt, done, args)
         if done % per_epoch == 0 and rank == 0:
-            save_figure(model, os.path.join(args.out, f"proxy_attention_epoch{epoch:03d}.png"), fig_img)
+            save_figure(model, os.path.join(args.out, f"proxy_attention_epoch{epoch:03d}.png"), fig_img, args.mean, args.std)
         if stop:
             break
     if world > 1:
@@ -318,7 +317,11 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--data", default=None, help="ImageNet folder (PATH/train/...) or a folder of images; absent: the built-in demo")
     a("--model", default=None, choices=list(vit.CONFIGS), help="ViT size; the paper: vit_b (§4.1). Default vit_b, vit_demo for the demo")
-    a("--img-size", type=int, default=None, help="input size; the paper: 224 (§4.1). Default 224, 64 for the demo")
+    a("--img-size", type=data.image_size, default=None, help="input size; the paper: 224 (§4.1). Default 224, 64 for the demo; "
+      "HxW (e.g. 224x320) for a non-square input")
+    a("--in-chans", type=int, default=3, choices=[1, 3], help="image channels: 3 (RGB) or 1 (images read as grayscale)")
+    a("--mean", type=float, nargs="+", help="per-channel normalisation mean (default ImageNet's; one channel: its average)")
+    a("--std", type=float, nargs="+", help="per-channel normalisation std (default ImageNet's; one channel: its average)")
     a("--batch-size", type=int, default=None, help="GLOBAL batch over all GPUs and accumulation; Table 2: 2048 (64 for the demo)")
     a("--micro-batch", type=int, default=128, help="largest per-GPU batch; accumulation makes up the rest")
     a("--lr", type=float, default=1.6e-3, help="peak lr at batch 2048 (Table 2, MaskFeat; BEiT: 1.5e-3), scaled linearly to --batch-size")
@@ -351,17 +354,21 @@ def parse_args(argv=None):
             setattr(args, k, small if demo else paper)
     if args.mask_ratio is None:
         args.mask_ratio = 0.6 if args.proxies else 0.4
-    cfg = vit.CONFIGS[args.model]
-    if args.img_size % cfg["patch_size"]:
+    cfg, args.img_size = vit.CONFIGS[args.model], data.image_size(args.img_size)
+    try:
+        args.mean, args.std = data.channel_stats(args.in_chans, args.mean, args.std)
+    except ValueError as e:
+        p.error(str(e))
+    if any(s % cfg["patch_size"] for s in args.img_size):
         p.error(f"--img-size {args.img_size} is not divisible by {args.model}'s patch size {cfg['patch_size']}")
-    n = (args.img_size // cfg["patch_size"]) ** 2
+    n = (args.img_size[0] // cfg["patch_size"]) * (args.img_size[1] // cfg["patch_size"])
     if not 0 < mask_count(n, args.mask_ratio) < n:
         p.error(f"--mask-ratio {args.mask_ratio} masks none or all of the {n} patches")
     if args.proxies < 0:
         p.error("--proxies must be >= 0")
     if args.target == "hog" and cfg["patch_size"] % args.hog_cell:
         p.error(f"--hog-cell {args.hog_cell} must divide the patch size {cfg['patch_size']}")
-    if args.hog_window and args.img_size % args.hog_window:
+    if args.hog_window and any(s % args.hog_window for s in args.img_size):
         p.error(f"--hog-window {args.hog_window} must divide --img-size {args.img_size}")
     for k in ("batch_size", "micro_batch", "epochs", "log_every", "save_every", "hog_bins"):
         if getattr(args, k) <= 0:

@@ -292,7 +292,7 @@ def load_encoder(model, path_or_state):
     shapes = [f"{k}: checkpoint {tuple(out[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in out and out[k].shape != own[k].shape]
     if missing or unexpected or shapes:
-        raise ValueError("checkpoint does not fit this ViT (wrong --model?)\n"
+        raise ValueError("checkpoint does not fit this ViT (wrong --model or --in-chans?)\n"
                          f"  missing: {missing[:10]}{' ...' if len(missing) > 10 else ''}\n"
                          f"  unexpected: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}\n"
                          f"  shape mismatch: {shapes[:10]}")

@@ -122,7 +122,7 @@ def test_bad_input_fails_before_data(tmp_path, monkeypatch):
         with pytest.raises(SystemExit):
             ap.parse_args(argv)
     args = ap.parse_args(["--data", str(tmp_path), "--protocol", "kamim", "--model", "vit_s"])
-    assert (args.block, args.pool, args.head_bn, args.optimizer, args.batch_size, args.img_size) == (8, "avg", False, "adamw", 2048, 192)
+    assert (args.block, args.pool, args.head_bn, args.optimizer, args.batch_size, args.img_size, args.mix) == (8, "avg", False, "adamw", 2048, (192, 192), True)
     args = ap.parse_args(["--data", str(tmp_path), "--model", "vit_l", "--block", "20", "--no-head-bn"])
     assert (args.block, args.epochs, args.head_bn, args.lr, args.pool, args.final_norm) == (20, 50, False, 0.1, "abmilp", False)
 
@@ -178,3 +178,19 @@ def test_torchrun_two_processes(tmp_path):
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 2 and ck["args"]["pool"] == "abmilp" and 0 <= ck["result"][0] <= 100
+
+
+def test_mix_batch_labels_match_images():
+    # KAMIM App. A: MixUp or CutMix. Image i is the constant v_i with its own class i, so each mixed image's mean
+    # must be its soft label's mixture of the v's: exact for MixUp's blend and for CutMix's pasted box alike
+    B = 6
+    v = torch.arange(B, dtype=torch.float32) * 10
+    x, y = v.view(B, 1, 1, 1).expand(B, 3, 32, 48).clone(), torch.arange(B)
+    mix, kinds = ap.mix_batch(B), set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        xm, ym = mix(x, y)
+        assert ym.shape == (B, B) and torch.allclose(ym.sum(1), torch.ones(B))
+        assert torch.allclose(xm.mean((1, 2, 3)), ym @ v, atol=1e-3)
+        kinds.add("cutmix" if (xm[:, 0] == xm[:, 0, :1, :1]).all((1, 2)).logical_not().any() else "mixup")
+    assert kinds == {"mixup", "cutmix"}  # both are drawn

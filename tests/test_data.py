@@ -26,6 +26,13 @@ def test_simmim_mask_count(img, cell, patch, ratio):
         data.simmim_mask(200, 32, 16)
 
 
+def test_simmim_mask_non_square():
+    m = data.simmim_mask((64, 96), 32, 16, 0.6)  # 2 x 3 cells, ceil(0.6 * 6) = 4 masked, each 2 x 2 tokens
+    assert m.shape == (4, 6) and m.sum() == 4 * 4
+    with pytest.raises(ValueError, match="must divide"):
+        data.simmim_mask((64, 80), 32, 16)
+
+
 def test_simmim_mask_differs_per_call():
     torch.manual_seed(0)
     assert not torch.equal(data.simmim_mask(), data.simmim_mask())
@@ -129,6 +136,26 @@ def test_transforms_shapes():
     assert data.center_crop(224)(img).shape == (3, 224, 224)
     x = data.normalize()(Image.new("RGB", (4, 4), (255, 0, 0)))
     assert torch.allclose(x[:, 0, 0], torch.tensor([(1 - .485) / .229, -.456 / .224, -.406 / .225]), atol=1e-5)
+
+
+def test_image_size_and_channels():
+    assert data.image_size(192) == data.image_size("192") == (192, 192) and data.image_size("192x256") == (192, 256)
+    img = Image.new("RGB", (300, 200), (120, 60, 30))
+    assert data.kamim_crop("64x96")(img).size == (96, 64)  # PIL: (width, height)
+    assert data.simple_resized_crop((64, 96))(img).size == (96, 64)
+    assert data.center_crop((64, 96))(img).shape == data.mae_transform((64, 96))(img).shape == (3, 64, 96)
+    mean, std = data.channel_stats(1)
+    assert len(mean) == len(std) == 1 and mean[0] == pytest.approx(sum(data.IMAGENET_MEAN) / 3)
+    assert data.channel_stats(3) == (data.IMAGENET_MEAN, data.IMAGENET_STD)
+    with pytest.raises(ValueError, match="need 1 values"):
+        data.channel_stats(1, [0.5, 0.5, 0.5])
+    grey = data.normalize(mean, std)(img)  # one channel: PIL's L = 0.299 R + 0.587 G + 0.114 B, rounded
+    L = (19595 * 120 + 38470 * 60 + 7471 * 30 + 0x8000) >> 16
+    assert grey.shape == (1, 200, 300) and torch.allclose(grey[0, 0, 0], torch.tensor((L / 255 - mean[0]) / std[0]))
+    x = data.normalize()(img)[None]
+    shown = data.denormalize(x)  # the inverse of normalize, for figures; one channel shown as grey
+    assert torch.allclose(shown[0, :, 0, 0], torch.tensor([120, 60, 30]) / 255, atol=1e-6)
+    assert data.denormalize(grey[None], mean, std).shape == (1, 3, 200, 300)
 
 
 def test_schedule_and_batch_split():

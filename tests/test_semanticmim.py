@@ -182,7 +182,7 @@ def test_accumulation_equals_big_batch_and_nan_stops(tmp_path, monkeypatch):
 
 def test_parse_errors_and_defaults():
     args = S.parse_args(["--data", "/x"])
-    assert (args.model, args.img_size, args.batch_size, args.epochs, args.mask_ratio, args.lr) == ("vit_b", 224, 2048, 300, 0.6, 1.6e-3)
+    assert (args.model, args.img_size, args.batch_size, args.epochs, args.mask_ratio, args.lr) == ("vit_b", (224, 224), 2048, 300, 0.6, 1.6e-3)
     assert S.parse_args(["--proxies", "0"]).mask_ratio == 0.4
     for bad in (["--hog-cell", "3"], ["--mask-ratio", "1.0"], ["--proxies", "-1"], ["--warmup-epochs", "9"]):
         with pytest.raises(SystemExit):

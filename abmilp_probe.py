@@ -194,7 +194,7 @@ def evaluate(model, dl, device):
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             top = model.logits(x).topk(min(5, model.fc.out_features), dim=1).indices  # (B, 5)
-        c += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(), torch.tensor(len(y), device=device)])
+        c += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(), torch.ones_like(y).sum()])
     if dist.is_initialized():
         dist.all_reduce(c)
     model.train()
@@ -256,7 +256,7 @@ def train(args, cache=None):
             raise ValueError(f"{args.out}/checkpoint.pt is not this probe's head: missing {missing}, unexpected {unexpected}")
         opt.load_state_dict(ck["optimizer"])
         start = ck["step"]
-        data.set_rng_state(ck["rng"])
+        data.set_rng_state(ck["rng"], start)
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
     flops = 0 if args.cache_features else vit.vit_forward_flops(encoder, upto=args.block)  # forward only: frozen
@@ -294,7 +294,7 @@ def train(args, cache=None):
         opt.zero_grad(set_to_none=True)
         done += 1
         if (step + 1) % args.log_every == 0:
-            data.check_finite(loss_sum, step, args.out)  # on every rank: one rank stopping alone would hang the rest
+            data.check_finite(loss_sum, step, args.out)  # a collective: every rank stops together
             dt = time.time() - t0
             if rank == 0:  # img/s and TFLOP/s over all processes, MFU per GPU
                 data.report(dict(epoch=epoch, step=step + 1, loss=loss_sum.item() / (step + 1 - last_log), lr=lr_now,

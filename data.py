@@ -249,7 +249,7 @@ class Seeded(torch.utils.data.Dataset):
         s = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + i
         py_state = random.getstate()
         with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG alone (num_workers=0)
-            torch.manual_seed(s)
+            torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed would reset the GPU's too
             random.seed(s)
             img, label = self.base[i]
             out = self.transform(img), label
@@ -339,13 +339,20 @@ def cosine(step, total, warmup, peak, final=0.0, start=0.0):
 
 
 def rng_state():
-    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    """This process's CPU and current-GPU generators (rank 0's is what a checkpoint holds)."""
+    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
 
 
-def set_rng_state(state):
+def set_rng_state(state, step=0):
+    """Rank 0 resumes its saved stream exactly; the other ranks (not saved) seed from (step, rank), so no two
+    ranks share a stream after a resume, whatever GPUs are visible now."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank:
+        torch.manual_seed(hash((step, rank)))
+        return
     torch.set_rng_state(state["cpu"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.is_tensor(state["cuda"]) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_checkpoint(state, out_dir, name="checkpoint.pt"):
@@ -369,12 +376,17 @@ def resume(out_dir, model, opt):
         return 0
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
-    set_rng_state(ckpt["rng"])
+    set_rng_state(ckpt["rng"], ckpt["step"])
     return ckpt["step"]
 
 
 def check_finite(loss, step, out_dir):
-    """Stop on a non-finite loss (float or 0-d tensor; syncs) before anything overwrites the last good checkpoint."""
+    """Stop on a non-finite loss (float or 0-d tensor; syncs) before anything overwrites the last good checkpoint.
+    Under torchrun a collective (call it on every rank): a nan on any rank, which the gradient all-reduce has
+    already spread into every rank's weights, stops them all."""
+    loss = torch.tensor(float(loss), device="cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu")
+    if dist.is_initialized():
+        dist.all_reduce(loss)
     if not math.isfinite(float(loss)):
         raise SystemExit(f"non-finite loss ({float(loss)}) at step {step}: stopping without saving; "
                          f"{os.path.join(out_dir, 'checkpoint.pt')} is the last good state")

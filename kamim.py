@@ -36,11 +36,12 @@ RING = torch.tensor([[int(c) for c in row] for row in
 
 # ---- the paper's pieces ----
 
-def keypoint_circles(points):
+def keypoint_circles(points, ring=RING):
     """Released code: each keypoint drawn as a circle (cv2.drawKeypoints). For FAST this equals the point
     map convolved with RING, thresholded at > 0. points (B, 1, d, d) {0, 1} -> (B, 1, d, d) {0, 1} float.
-    ORB / SIFT draw size-dependent circles at sub-pixel centres: this stamp only approximates them."""
-    ring = RING.to(points.device, torch.float32)[None, None]  # (1, 1, 9, 9)
+    ORB / SIFT draw size-dependent circles at sub-pixel centres: this stamp only approximates them.
+    Pass the ring already on the device (KAMIM keeps it as a buffer): a copy from the host each step syncs."""
+    ring = ring.to(points.device, torch.float32).view(1, 1, 9, 9)
     return (F.conv2d(points.float(), ring, padding=4) > 0).float()
 
 
@@ -86,6 +87,7 @@ class KAMIM(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         nn.init.trunc_normal_(self.mask_token, std=0.02)  # SimMIM
         self.head = nn.Sequential(nn.Conv2d(D, p * p * encoder.in_chans, 1), nn.PixelShuffle(p))  # SimMIM decoder
+        self.register_buffer("ring", RING.float(), persistent=False)  # moves with the model, not in checkpoints
 
     def predict(self, img, mask):
         """img (B, C, H, W), mask (B, h, w) on the token grid, 1 = masked -> reconstruction (B, C, H, W)."""
@@ -101,7 +103,7 @@ class KAMIM(nn.Module):
         """points (B, d, d) uint8 {0, 1} -> W (B, 1, d/wps, d/wps) of eq. 2, in fp32 even under autocast."""
         with torch.autocast(points.device.type, enabled=False):
             F_map = points[:, None].float()
-            F_map = keypoint_circles(F_map) if self.circles else F_map
+            F_map = keypoint_circles(F_map, self.ring) if self.circles else F_map
             return kamim_weights(keypoint_density(F_map, self.wps), self.temperature, self.clip)
 
     def forward(self, img, mask, points=None):

@@ -43,7 +43,8 @@ def hog(img, bins=9, cell=8, window=0):
     pixels; each cell's histogram L2-normalised. `window` > 0 weights the magnitudes by a Gaussian of
     that size tiled over the image (MaskFeat's released code uses 16; the paper does not say)."""
     B, C, H, W = img.shape
-    sobel = img.new_tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
+    d = torch.arange(-1.0, 2.0, device=img.device, dtype=img.dtype)  # made on the device: no host copy (a sync)
+    sobel = (2 - d.abs())[:, None] * -d  # [[1, 0, -1], [2, 0, -2], [1, 0, -1]]
     x = F.pad(img, (1, 1, 1, 1), mode="reflect")
     gx = F.conv2d(x, sobel.expand(C, 1, 3, 3), groups=C)  # (B, C, H, W)
     gy = F.conv2d(x, sobel.t().expand(C, 1, 3, 3), groups=C)

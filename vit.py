@@ -67,16 +67,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, context=None, return_attn=False):
-        B, N, D = x.shape
-        h = self.heads
+        (B, N, D), h = x.shape, self.heads
         if context is None:
             q, k, v = self.qkv(x).view(B, N, 3, h, D // h).permute(2, 0, 3, 1, 4)  # each (B, h, N, D/h)
         else:
             w, b = self.qkv.weight, self.qkv.bias
             q = F.linear(x, w[:D], None if b is None else b[:D]).view(B, N, h, D // h).transpose(1, 2)
             k, v = F.linear(context, w[D:], None if b is None else b[D:]).view(B, -1, 2, h, D // h).permute(2, 0, 3, 1, 4)
-        if return_attn:  # explicit softmax: the fused kernel returns no weights (pytorch#119811)
-            attn = (q @ k.transpose(-2, -1) * (D // h) ** -0.5).float().softmax(dim=-1)  # (B, h, N, M)
+        if return_attn:  # explicit softmax: the fused kernel returns no weights (pytorch#119811); fp32 logits
+            with torch.autocast(x.device.type, enabled=False):  # (bf16 logits would shift the maps by a few %)
+                attn = (q.float() @ k.float().transpose(-2, -1) * (D // h) ** -0.5).softmax(dim=-1)  # (B, h, N, M)
             out = attn.to(v.dtype) @ v
         else:
             attn, out = None, F.scaled_dot_product_attention(q, k, v)
@@ -226,11 +226,11 @@ def vit_forward_flops(model, n_tokens=None, n_patches=None, upto=None):
     return 2 * (patchify + depth * block_macs(n_tokens, model.dim, ratio))
 
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 (SXM), per GPU
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 
 
 def mfu(flops_per_second, device):
-    """Model FLOPs utilisation against the GPU's dense bf16 peak; None on CPU or an unknown GPU."""
+    """Model FLOPs utilisation against the GPU's dense bf16 peak (first name match); None on CPU or another GPU."""
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else ""
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
     return None if peak is None else flops_per_second / peak

@@ -187,6 +187,8 @@ def test_torchrun_two_ranks_see_disjoint_data(tmp_path):
     assert r0["world"] == r1["world"] == 2
     assert len(r0["ids"]) == len(r1["ids"]) == 20 and not set(r0["ids"]) & set(r1["ids"])
     assert r0["batches"] == 5
+    assert r0["draw"] == r0["expected"] and r1["draw"] != r0["draw"]  # rank 0 resumes exactly; rank 1 its own stream
+    assert r0["stopped"] and r1["stopped"]  # a nan on rank 1 alone stops both (it is in both ranks' weights)
 
 
 def test_train_steps_resume_mid_epoch():

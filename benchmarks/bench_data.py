@@ -1,9 +1,12 @@
 """Data-pipeline speed alone: images/s of kamim.py's loader for N workers, without keypoints (SimMIM: crop,
 flips, normalise, mask) and with KAMIM's single-pixel keypoint maps (FAST, ORB, SIFT), through
-kamim.KamimTransform and data.loader exactly as training runs them. No model, no GPU.
+kamim.KamimTransform and data.loader exactly as training runs them. No model, no GPU. First, each stage's
+CPU cost per image in one process (medians of interleaved rounds: steadier than whole-loader rates on a
+busy machine), then the loader's images/s per worker count.
 
     python benchmarks/bench_data.py                                              # demo images, 0 and 2 workers
     python benchmarks/bench_data.py --data /imagenet --workers 1 8 16 --images 8192   # JPEG decode included
+    python benchmarks/bench_data.py --write-jpegs /tmp/jpegs --workers 0 1 --images 512  # JPEGs without ImageNet
 
 With --data a folder, each image is read and JPEG-decoded (PIL) in the worker, as in training. Without it
 the demo images are drawn once into memory first, so the rows time the transform alone. "vs simmim" is
@@ -16,7 +19,10 @@ import os
 import sys
 import time
 
+import cv2
+import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
@@ -52,6 +58,36 @@ def images_per_second(ds, workers, batch, images):
     return n / (time.perf_counter() - t)
 
 
+def stage_costs(base, tf, detectors, n, rounds=5):
+    """Median ms per image of each stage in this process (cv2 single-threaded, as in a worker), rounds interleaved:
+    read + decode + crop + flips, normalise + mask (SimMIM's whole transform adds nothing else), keypoint map."""
+    data.worker_init(0)
+    imgs = [base[i][0] for i in range(n)]  # decoded once here; "read+decode+crop" reads the files again
+    crops = [np.asarray(tf.crop(im)) for im in imgs]
+    stages = {"read+decode+crop": lambda i: tf.crop(base[i][0]),
+              "normalise+mask": lambda i: (tf.norm(Image.fromarray(crops[i])), data.simmim_mask(*tf.mask_args))}
+    stages.update({f"keypoints {d}": (lambda i, d=d: data.keypoint_map(crops[i], d)) for d in detectors})
+    ms = {k: [] for k in stages}
+    for _ in range(rounds):
+        for k, f in stages.items():
+            t = time.perf_counter()
+            for i in range(n):
+                f(i)
+            ms[k].append((time.perf_counter() - t) / n * 1e3)
+    return {k: sorted(v)[len(v) // 2] for k, v in ms.items()}
+
+
+def write_jpegs(folder, n=600):
+    """JPEG decode without ImageNet at hand: the demo's shapes upscaled to ImageNet's typical 500 x 375, with
+    pixel noise so the files are photo-sized (~70 KB) and FAST finds ~150 keypoints per 192 px crop."""
+    os.makedirs(folder, exist_ok=True)
+    demo, rng = data.DemoShapes("train"), np.random.default_rng(0)
+    for i in range(n):
+        img = cv2.resize(np.asarray(demo[i][0]), (500, 375), interpolation=cv2.INTER_CUBIC)
+        img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(os.path.join(folder, f"{i:05d}.JPEG"), quality=90)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="ImageNet-style folder (its train split is read); default: demo images in memory")
@@ -62,13 +98,23 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--images", type=int, default=256, help="images timed per row")
     p.add_argument("--detectors", nargs="+", default=["fast", "orb", "sift"], choices=list(data.DETECTORS))
+    p.add_argument("--write-jpegs", metavar="DIR", help="first write 600 demo images to DIR/train/0 as ImageNet-sized JPEGs "
+                   "(500 x 375, noise sd 12, quality 90), then read them as --data DIR")
     args = p.parse_args()
+    if args.write_jpegs:
+        write_jpegs(os.path.join(args.write_jpegs, "train", "0"))
+        args.data = args.write_jpegs
     base = data.dataset(args.data, "train")
     if args.data is None:
         base = InMemory(base, args.images + 2 * args.batch_size)
     patch = vit.CONFIGS[args.model]["patch_size"]
     print(f"{args.data or 'demo images (in memory)'}: {len(base)} images, {args.img_size} px crops, "
           f"mask cell {args.mask_patch}, {os.cpu_count()} CPUs")
+    costs = stage_costs(base, kamim.KamimTransform(args.img_size, patch, args.mask_patch), args.detectors, min(len(base), 200))
+    simmim = costs["read+decode+crop"] + costs["normalise+mask"]
+    print("stage (one process)      ms/img  vs simmim's transform")
+    for k, v in costs.items():
+        print(f"{k:<22} {v:>8.3f} {v / simmim:>9.1%}")
     print(f"{'pipeline':<12} {'workers':>7} {'img/s':>9} {'img/s/worker':>13} {'ms/img/worker':>14} {'vs simmim':>9}")
     for w in args.workers:
         ref = None

@@ -264,8 +264,8 @@ def train(args):
         print(f"resumed from {args.out}/checkpoint.pt at step {start}")
     elif rank == 0:
         data.log_json(os.path.join(args.out, "log.jsonl"), data.run_info(args, device))
-    ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
-    fwd = torch.compile(ddp) if args.compile else ddp
+    net = torch.compile(model) if args.compile else model  # compile the inner module, then DDP (torch docs)
+    ddp = DDP(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 else net
     fig_img = torch.stack([data.center_crop(args.img_size, args.mean, args.std)(ds.base[i][0]) for i in range(4)]).to(device)
     running, n_log, t0 = torch.zeros((), device=device), 0, time.time()
     for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start):
@@ -276,7 +276,7 @@ def train(args):
             sync = world == 1 or i == accum - 1  # DDP all-reduces only on the last micro-batch
             with contextlib.nullcontext() if sync else ddp.no_sync():
                 with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-                    loss, terms = fwd(img, mask)
+                    loss, terms = ddp(img, mask)
                 (loss / accum).backward()
             running += loss.detach() / accum
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)

@@ -158,7 +158,7 @@ def transforms(img_size, protocol="mae", mean=data.IMAGENET_MEAN, std=data.IMAGE
     KAMIM's (App. A, its fine-tuning augmentation): resize to img x img, TrivialAugmentWide, RandomErasing p 0.5;
     val resize to img x img. Its MixUp / CutMix acts on whole batches: mix_batch."""
     if protocol != "kamim":
-        return data.crop_flip(img_size, (0.08, 1.0), mean, std), data.center_crop(img_size, mean, std)
+        return T.Compose([data.crop_flip(img_size), data.normalize(mean, std)]), data.center_crop(img_size, mean, std)
     resize = T.Resize(data.image_size(img_size), interpolation=T.InterpolationMode.BICUBIC)
     return (T.Compose([resize, T.TrivialAugmentWide(), data.normalize(mean, std), T.RandomErasing(p=0.5)]),
             T.Compose([resize, data.normalize(mean, std)]))

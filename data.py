@@ -139,6 +139,18 @@ def normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return T.Compose(([T.Grayscale(1)] if len(mean) == 1 else []) + [T.ToTensor(), T.Normalize(mean, std)])
 
 
+def to_uint8(in_chans=3):
+    """PIL -> uint8 tensor (C, H, W), what the pretraining loaders ship; normalize_batch finishes on the GPU.
+    A quarter of the bytes to collate, pin and copy, and ~0.25 ms less worker CPU per 192 px image (of ~4)."""
+    return T.Compose(([T.Grayscale(1)] if in_chans == 1 else []) + [T.PILToTensor()])
+
+
+def normalize_batch(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """uint8 (B, C, H, W) -> float (x / 255 - mean) / std, on x's device (Python scalars: no host copy)."""
+    x = x.float()
+    return torch.cat([(x[:, c:c + 1] - 255 * m) / (255 * s) for c, (m, s) in enumerate(zip(mean, std))], dim=1)
+
+
 def denormalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """For figures: (B, C, H, W) normalised -> (B, 3, H, W) in [0, 1] (one channel shown as grey)."""
     m, s = (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) for v in (mean, std))
@@ -152,10 +164,10 @@ def kamim_crop(img_size=192):
                       T.RandomVerticalFlip(), T.RandomHorizontalFlip()])
 
 
-def mae_transform(img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """MAE pretraining: random resized crop scale (0.2, 1), bicubic, horizontal flip -> normalised tensor."""
+def mae_crop(img_size=224):
+    """MAE pretraining: random resized crop scale (0.2, 1), bicubic, horizontal flip. Returns PIL."""
     return T.Compose([T.RandomResizedCrop(image_size(img_size), scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), normalize(mean, std)])
+                      T.RandomHorizontalFlip()])
 
 
 def simple_resized_crop(img_size=224):
@@ -173,11 +185,11 @@ def three_augment():
                       T.RandomChoice([T.Grayscale(3), T.RandomSolarize(128, p=1.0), T.GaussianBlur(9, (0.1, 2.0))])])
 
 
-def crop_flip(img_size=224, scale=(0.08, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Random resized crop (bicubic) + horizontal flip -> normalised tensor: the linear probe's training
-    transform (MAE, scale (0.08, 1)) and SemanticMIM's pretraining one (scale (0.5, 1), App. E)."""
+def crop_flip(img_size=224, scale=(0.08, 1.0)):
+    """Random resized crop (bicubic) + horizontal flip: the linear probe's training crop (MAE, scale (0.08, 1))
+    and SemanticMIM's pretraining one (scale (0.5, 1), App. E). Returns PIL."""
     return T.Compose([T.RandomResizedCrop(image_size(img_size), scale=scale, interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), normalize(mean, std)])
+                      T.RandomHorizontalFlip()])
 
 
 def center_crop(img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD):

@@ -130,11 +130,10 @@ def train_flops(model):
 # ---- data hook ----
 
 class KamimTransform:
-    """PIL -> (normalised image (C, H, W), mask (H/p, W/p) uint8 1 = masked[, point map F (H, W) uint8]).
-    Keypoints are found on the augmented uint8 RGB crop, after both flips, before normalisation (§4.1)."""
-    def __init__(self, img_size, model_patch, mask_patch=32, mask_ratio=0.6, detector="fast",
-                 mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD):
-        self.crop, self.norm = data.kamim_crop(img_size), data.normalize(mean, std)
+    """PIL -> (image (C, H, W) uint8, mask (H/p, W/p) uint8 1 = masked[, point map F (H, W) uint8]); the step
+    normalises the image on the device. Keypoints are found on the augmented RGB crop, after both flips (§4.1)."""
+    def __init__(self, img_size, model_patch, mask_patch=32, mask_ratio=0.6, detector="fast", in_chans=3):
+        self.crop, self.norm = data.kamim_crop(img_size), data.to_uint8(in_chans)
         self.mask_args, self.detector = (img_size, mask_patch, model_patch, mask_ratio), detector  # no lambda: picklable
 
     def __call__(self, img):
@@ -176,7 +175,7 @@ def train(args):
               else vit.param_groups(model, args.weight_decay))
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), **({"fused": True} if cuda else {}))
     ds = data.Seeded(data.dataset(args.data, "train"), KamimTransform(args.img_size, encoder.patch_size, args.mask_patch,
-                                                                     args.mask_ratio, args.detector, args.mean, args.std), args.seed)
+                                                                     args.mask_ratio, args.detector, args.in_chans), args.seed)
     dl = data.loader(ds, micro, train=True, workers=args.workers, seed=args.seed)
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
@@ -202,6 +201,7 @@ def train(args):
             g["lr"] = lr_now
         for i, (batch, _) in enumerate(micro_batches):
             batch = [t.to(device, non_blocking=True) for t in batch]
+            batch[0] = data.normalize_batch(batch[0], args.mean, args.std)  # uint8 from the loader
             sync = contextlib.nullcontext() if world == 1 or i == accum - 1 else net.no_sync()
             with sync, autocast:
                 loss, terms = net(*batch)

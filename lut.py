@@ -195,13 +195,12 @@ def train_flops(model):
 
 class Views:
     """PIL -> (reconstruction view,) or, for LUT, (reconstruction view, context view), each an independent
-    crop. LUT (Table 4f): simple resized crop (SRC); the context view adds colour jitter + three-augment.
+    crop, uint8 (the step normalises on the device). LUT (Table 4f): simple resized crop (SRC); the context view adds colour jitter + three-augment.
     MAE (--alpha 0) uses its own random resized crop (0.2, 1) by default (Table 4f: SRC costs MAE 0.3 ft)."""
-    def __init__(self, img_size, crop="src", two=True, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD):
-        self.recon = (T.Compose([data.simple_resized_crop(img_size), data.normalize(mean, std)]) if crop == "src"
-                      else data.mae_transform(img_size, mean, std))  # MAE: RRC (0.2, 1) bicubic + flip + normalise
-        crop = T.Compose(self.recon.transforms[:-1])  # the crop (+ flip) before normalising: the context view's too
-        self.context = T.Compose([crop, data.three_augment(), data.normalize(mean, std)]) if two else None
+    def __init__(self, img_size, crop="src", two=True, in_chans=3):
+        crop = data.simple_resized_crop(img_size) if crop == "src" else data.mae_crop(img_size)  # MAE: RRC (0.2, 1)
+        self.recon = T.Compose([crop, data.to_uint8(in_chans)])  # uint8: the step normalises on the device
+        self.context = T.Compose([crop, data.three_augment(), data.to_uint8(in_chans)]) if two else None
 
     def __call__(self, img):
         return (self.recon(img),) if self.context is None else (self.recon(img), self.context(img))
@@ -259,8 +258,7 @@ def train(args):
                 args.alpha, args.head_hidden, args.two_view).to(device)
     opt = torch.optim.AdamW(layer_decay_groups(model, args.weight_decay, args.layer_decay), lr=lr, betas=tuple(args.betas),
                             **({"fused": True} if cuda else {}))
-    ds = data.Seeded(data.dataset(args.data, "train"), Views(args.img_size, args.crop, args.alpha > 0, args.mean, args.std),
-                     args.seed)
+    ds = data.Seeded(data.dataset(args.data, "train"), Views(args.img_size, args.crop, args.alpha > 0, args.in_chans), args.seed)
     dl = data.loader(ds, micro, train=True, workers=args.workers, seed=args.seed)
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
@@ -288,7 +286,7 @@ def train(args):
         for g in opt.param_groups:
             g["lr"] = lr_now * g["lr_scale"]
         for i, (views, _) in enumerate(micro_batches):
-            views = [t.to(device, non_blocking=True) for t in views]
+            views = [data.normalize_batch(t.to(device, non_blocking=True), args.mean, args.std) for t in views]  # uint8 in
             torch.manual_seed(hash((args.seed, step, rank, i)))  # the masks: a pure function of (seed, step, rank, i)
             sync = contextlib.nullcontext() if world == 1 or i == accum - 1 else net.no_sync()
             with sync, autocast:

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision import transforms as T
 from torchvision.utils import save_image
 
 import data
@@ -219,7 +220,7 @@ def data_hook(args, model):
     """App. E, Table 2 (MaskFeat): random resized crop scale (0.5, 1), flip 0.5, no colour jitter; plus the
     per-image random mask, drawn here so each sample is a pure function of (seed, epoch, index)."""
     enc = model.encoder
-    crop = data.crop_flip(args.img_size, (args.crop_min, 1.0), args.mean, args.std)
+    crop = T.Compose([data.crop_flip(args.img_size, (args.crop_min, 1.0)), data.to_uint8(args.in_chans)])  # uint8
     return functools.partial(masked_view, crop=crop, n_patches=enc.grid[0] * enc.grid[1], n_mask=model.n_mask)
 
 
@@ -273,6 +274,7 @@ def train(args):
             g["lr"] = data.cosine(step, total, warmup, lr, args.min_lr)
         for i, ((img, mask), _) in enumerate(micro_batches):
             img, mask = img.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            img = data.normalize_batch(img, args.mean, args.std)  # the loader ships uint8
             sync = world == 1 or i == accum - 1  # DDP all-reduces only on the last micro-batch
             with contextlib.nullcontext() if sync else ddp.no_sync():
                 with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):

@@ -60,13 +60,15 @@ def images_per_second(ds, workers, batch, images):
 
 def stage_costs(base, tf, detectors, n, rounds=5):
     """Median ms per image of each stage in this process (cv2 single-threaded, as in a worker), rounds interleaved:
-    read + decode + crop + flips, normalise + mask (SimMIM's whole transform adds nothing else), keypoint map."""
+    read + decode + crop + flips, uint8 tensor + mask (SimMIM's whole transform adds nothing else), keypoint map,
+    and for reference the float normalisation the workers no longer do (normalize_batch does it on the GPU)."""
     data.worker_init(0)
     imgs = [base[i][0] for i in range(n)]  # decoded once here; "read+decode+crop" reads the files again
     crops = [np.asarray(tf.crop(im)) for im in imgs]
     stages = {"read+decode+crop": lambda i: tf.crop(base[i][0]),
-              "normalise+mask": lambda i: (tf.norm(Image.fromarray(crops[i])), data.simmim_mask(*tf.mask_args))}
+              "uint8 tensor+mask": lambda i: (tf.norm(Image.fromarray(crops[i])), data.simmim_mask(*tf.mask_args))}
     stages.update({f"keypoints {d}": (lambda i, d=d: data.keypoint_map(crops[i], d)) for d in detectors})
+    stages["(float normalise)"] = lambda i: data.normalize()(Image.fromarray(crops[i]))  # what the GPU now does instead
     ms = {k: [] for k in stages}
     for _ in range(rounds):
         for k, f in stages.items():
@@ -111,7 +113,7 @@ def main():
     print(f"{args.data or 'demo images (in memory)'}: {len(base)} images, {args.img_size} px crops, "
           f"mask cell {args.mask_patch}, {os.cpu_count()} CPUs")
     costs = stage_costs(base, kamim.KamimTransform(args.img_size, patch, args.mask_patch), args.detectors, min(len(base), 200))
-    simmim = costs["read+decode+crop"] + costs["normalise+mask"]
+    simmim = costs["read+decode+crop"] + costs["uint8 tensor+mask"]
     print("stage (one process)      ms/img  vs simmim's transform")
     for k, v in costs.items():
         print(f"{k:<22} {v:>8.3f} {v / simmim:>9.1%}")

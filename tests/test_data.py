@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
 import data
 
@@ -112,7 +113,7 @@ def test_folder_errors(tmp_path):
 
 
 def test_seeded_samples_are_independent_of_workers_and_resume():
-    ds = data.Seeded(data.DemoShapes("train", size=24), data.crop_flip(32))
+    ds = data.Seeded(data.DemoShapes("train", size=24), T.Compose([data.crop_flip(32), data.to_uint8()]))
     dl = data.loader(ds, batch_size=4, workers=0)
     data.set_epoch(dl, 3)
     full = [x for x, _ in dl]
@@ -130,7 +131,7 @@ def test_seeded_samples_are_independent_of_workers_and_resume():
 def test_transforms_shapes():
     img = Image.new("RGB", (300, 200), (120, 60, 30))
     assert data.kamim_crop(192)(img).size == (192, 192)
-    assert data.mae_transform(224)(img).shape == (3, 224, 224)
+    assert data.mae_crop(224)(img).size == (224, 224)
     assert data.simple_resized_crop(224)(img).size == (224, 224)
     assert data.three_augment()(img).size == (300, 200)
     assert data.center_crop(224)(img).shape == (3, 224, 224)
@@ -143,7 +144,7 @@ def test_image_size_and_channels():
     img = Image.new("RGB", (300, 200), (120, 60, 30))
     assert data.kamim_crop("64x96")(img).size == (96, 64)  # PIL: (width, height)
     assert data.simple_resized_crop((64, 96))(img).size == (96, 64)
-    assert data.center_crop((64, 96))(img).shape == data.mae_transform((64, 96))(img).shape == (3, 64, 96)
+    assert data.center_crop((64, 96))(img).shape == (3, 64, 96) and data.mae_crop((64, 96))(img).size == (96, 64)
     mean, std = data.channel_stats(1)
     assert len(mean) == len(std) == 1 and mean[0] == pytest.approx(sum(data.IMAGENET_MEAN) / 3)
     assert data.channel_stats(3) == (data.IMAGENET_MEAN, data.IMAGENET_STD)
@@ -156,6 +157,10 @@ def test_image_size_and_channels():
     shown = data.denormalize(x)  # the inverse of normalize, for figures; one channel shown as grey
     assert torch.allclose(shown[0, :, 0, 0], torch.tensor([120, 60, 30]) / 255, atol=1e-6)
     assert data.denormalize(grey[None], mean, std).shape == (1, 3, 200, 300)
+    for c, (m, s) in ((3, data.channel_stats(3)), (1, (mean, std))):  # the loaders' uint8, normalised on the device
+        u = data.to_uint8(c)(img)
+        assert u.dtype == torch.uint8 and u.shape == (c, 200, 300)
+        assert torch.allclose(data.normalize_batch(u[None], m, s)[0], data.normalize(m, s)(img), atol=1e-5)
 
 
 def test_schedule_and_batch_split():

@@ -103,6 +103,8 @@ def test_model_on_the_shared_vit_trains(tmp_path):
     batch = [torch.stack(x) for x in zip(*samples)]
     img, mask, points = batch
     assert img.shape == (4, 3, 96, 96) and mask.shape == (4, 12, 12) and points.shape == (4, 96, 96)
+    assert img.dtype == torch.uint8  # the loader ships uint8; the step normalises on the device
+    batch[0] = data.normalize_batch(img)
     assert (mask.sum((1, 2)) == 22 * 4).all() and points.dtype == torch.uint8  # 22 of 36 cells, 4 tokens each
     loss, terms = model(*batch)
     assert terms["loss"] > terms["l1"]  # W >= 1 and not normalised: KAMIM's loss exceeds SimMIM's
@@ -120,7 +122,7 @@ def test_simmim_transform_does_no_keypoint_work(monkeypatch):
     monkeypatch.setattr(data, "keypoint_map", lambda *a: 1 / 0)
     out = kamim.KamimTransform(96, 8, 16, detector="none")(data.DemoShapes("train")[0][0])
     assert len(out) == 2
-    loss, terms = kamim.KAMIM(vit.vit("vit_demo", img_size=96), wps=4)(out[0][None], out[1][None])
+    loss, terms = kamim.KAMIM(vit.vit("vit_demo", img_size=96), wps=4)(data.normalize_batch(out[0][None]), out[1][None])
     assert set(terms) == {"loss"}
 
 
@@ -141,7 +143,7 @@ def test_demo_loss_falls(tmp_path):
         if state is not None:
             model.load_state_dict(state)
         with torch.no_grad():
-            return model(img, mask, points)[1]["l1"].item()
+            return model(data.normalize_batch(img), mask, points)[1]["l1"].item()
     before, after = l1(), l1(torch.load(out / "checkpoint.pt", weights_only=True)["model"])
     assert after < 0.9 * before, (before, after)
     assert all(math.isfinite(r["loss"]) and r["loss"] >= r["l1"] for r in log)  # eq. 3 >= eq. 1 since W >= 1

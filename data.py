@@ -159,7 +159,7 @@ def denormalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 
 def kamim_crop(img_size=192):
     """KAMIM / SimMIM (§4.1): random resized crop, scale (0.67, 1), ratio (3/4, 4/3), then vertical and
-    horizontal flips, p 0.5 each. Returns PIL: keypoints are found on this uint8 crop, then normalize()."""
+    horizontal flips, p 0.5 each. Returns PIL: keypoints are found on this crop, then to_uint8()."""
     return T.Compose([T.RandomResizedCrop(image_size(img_size), scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3)),
                       T.RandomVerticalFlip(), T.RandomHorizontalFlip()])
 

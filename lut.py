@@ -195,8 +195,9 @@ def train_flops(model):
 
 class Views:
     """PIL -> (reconstruction view,) or, for LUT, (reconstruction view, context view), each an independent
-    crop, uint8 (the step normalises on the device). LUT (Table 4f): simple resized crop (SRC); the context view adds colour jitter + three-augment.
-    MAE (--alpha 0) uses its own random resized crop (0.2, 1) by default (Table 4f: SRC costs MAE 0.3 ft)."""
+    crop, uint8 (the step normalises on the device). LUT (Table 4f): simple resized crop (SRC); the context
+    view adds colour jitter + three-augment. MAE (--alpha 0) uses its own random resized crop (0.2, 1) by
+    default (Table 4f: SRC costs MAE 0.3 ft)."""
     def __init__(self, img_size, crop="src", two=True, in_chans=3):
         crop = data.simple_resized_crop(img_size) if crop == "src" else data.mae_crop(img_size)  # MAE: RRC (0.2, 1)
         self.recon = T.Compose([crop, data.to_uint8(in_chans)])  # uint8: the step normalises on the device

@@ -49,6 +49,18 @@ def test_sdpa_equals_explicit_softmax_and_cross_attention():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+def test_attention_maps_under_bf16_autocast_use_fp32_logits():
+    # the maps for figures and §4's statistics: under autocast, q and k are bf16 (from the Linear), but the
+    # logits and the softmax must be fp32; bf16 logits (8 bits of mantissa) would shift the weights by ~1e-2
+    torch.manual_seed(0)
+    attn, x = vit.Attention(64, 4), 4 * torch.randn(2, 10, 64)  # large logits, where rounding shows
+    with torch.autocast("cpu", torch.bfloat16):
+        _, a = attn(x, return_attn=True)
+        q, k, _ = attn.qkv(x).view(2, 10, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    ref = (q.float() @ k.float().transpose(-2, -1) / 4).softmax(-1)
+    assert a.dtype == torch.float32 and torch.allclose(a, ref, atol=1e-6)
+
+
 @pytest.mark.parametrize("name,paper,hf", [("vit_t", 5.5, 5.515), ("vit_s", 21.6, 21.646), ("vit_b", 85.7, 85.759)])
 def test_parameter_counts_kamim_table1(name, paper, hf):
     m = vit.vit(name, img_size=192)

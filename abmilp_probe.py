@@ -322,8 +322,9 @@ def attention_statistics(args):
     """§4 over the val split: the four statistics per block, averaged over heads and images -> JSON + table."""
     rank, world, device = data.setup(args.seed)
     enc = build_encoder(args.model, args.img_size, args.checkpoint, args.in_chans).to(device).eval()
-    dl = data.loader(data.Seeded(data.dataset(args.data, "val", labelled=True), transforms(args.img_size, "mae", args.mean, args.std)[1]),
-                     args.micro_batch, train=False, workers=args.workers)
+    val_tf = transforms(args.img_size, "mae", args.mean, args.std)[1]
+    dl = data.loader(data.Seeded(data.dataset(args.data, "val", labelled=True), val_tf), args.micro_batch, train=False,
+                     workers=args.workers)
     data.set_epoch(dl, 0)
     sums, n = torch.zeros(len(enc.blocks), 4, device=device), torch.zeros((), device=device)
     for img, _ in dl:

@@ -133,12 +133,12 @@ class KamimTransform:
     """PIL -> (image (C, H, W) uint8, mask (H/p, W/p) uint8 1 = masked[, point map F (H, W) uint8]); the step
     normalises the image on the device. Keypoints are found on the augmented RGB crop, after both flips (§4.1)."""
     def __init__(self, img_size, model_patch, mask_patch=32, mask_ratio=0.6, detector="fast", in_chans=3):
-        self.crop, self.norm = data.kamim_crop(img_size), data.to_uint8(in_chans)
+        self.crop, self.to_tensor = data.kamim_crop(img_size), data.to_uint8(in_chans)
         self.mask_args, self.detector = (img_size, mask_patch, model_patch, mask_ratio), detector  # no lambda: picklable
 
     def __call__(self, img):
         crop = self.crop(img)
-        out = (self.norm(crop), data.simmim_mask(*self.mask_args))
+        out = (self.to_tensor(crop), data.simmim_mask(*self.mask_args))
         if self.detector == "none":  # SimMIM: no keypoint work at all
             return out
         return out + (torch.from_numpy(data.keypoint_map(np.asarray(crop), self.detector)),)

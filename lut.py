@@ -226,23 +226,6 @@ def save_figure(model, img, path, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD
 
 # ---- training ----
 
-def layer_decay_groups(model, weight_decay, decay):
-    """vit.param_groups split by layer for §5.1's layer-wise lr decay: embedding / tokens layer 0, block i
-    layer i + 1, everything else (final LN, decoder, heads) the full lr; lr_scale = decay^(depth + 1 - layer)."""
-    depth, names = len(model.encoder.blocks), {p: n for n, p in model.named_parameters()}
-    def layer(name):
-        if name.startswith("encoder.blocks."):
-            return int(name.split(".")[2]) + 1
-        return 0 if name.startswith(("encoder.patch_embed", "encoder.cls_token")) else depth + 1
-    groups = []
-    for g in vit.param_groups(model, weight_decay, decay_tokens=True):  # §5.1: decay all but biases and 1-D (MAE)
-        by_layer = {}
-        for p in g["params"]:
-            by_layer.setdefault(layer(names[p]), []).append(p)
-        groups += [dict(params=ps, weight_decay=g["weight_decay"], lr_scale=decay ** (depth + 1 - l)) for l, ps in by_layer.items()]
-    return groups
-
-
 def scaled_lr(base, batch, rule="linear"):
     """§5.1 follows MAE: base x batch / 256 (2.4e-3 at 4096). The released code: base x sqrt(batch) / 4,
     the same at 4096 only (4x larger at 256)."""
@@ -257,8 +240,8 @@ def train(args):
     encoder = vit.vit(args.model, img_size=args.img_size, in_chans=args.in_chans)
     model = LUT(encoder, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.mask_ratio, args.norm_pix_loss,
                 args.alpha, args.head_hidden, args.two_view).to(device)
-    opt = torch.optim.AdamW(layer_decay_groups(model, args.weight_decay, args.layer_decay), lr=lr, betas=tuple(args.betas),
-                            **({"fused": True} if cuda else {}))
+    groups = vit.param_groups(model, args.weight_decay, decay_tokens=True, layer_decay=args.layer_decay)  # §5.1 (MAE)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(args.betas), **({"fused": True} if cuda else {}))
     ds = data.Seeded(data.dataset(args.data, "train"), Views(args.img_size, args.crop, args.alpha > 0, args.in_chans), args.seed)
     dl = data.loader(ds, micro, train=True, workers=args.workers, seed=args.seed)
     per_epoch = len(dl) // accum

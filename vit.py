@@ -4,17 +4,18 @@ Pre-norm ViT in the timm / MAE parameter layout (so public MAE, DeiT and DINO ch
 with its pieces exposed so a method composes them its own way:
 
     x = vit.embed(img)                      # (B, N, D) patch embeddings, no position yet
-    x = x + vit.pos_embed                   # fixed 2-D sin-cos position (MAE), patches only
+    x = x + vit.pos_embed                   # 2-D sin-cos (MAE) or learned position, patches only
     x = vit.prefix(x)                       # (B, P + N, D) with the P [cls]-like prefix tokens
     x = vit.run_blocks(x)                   # all blocks (or up to one), optionally attention maps
     x = vit.norm(x)
 
-Also here: FLOP accounting (`block_macs`, `vit_forward_flops`, `mfu`), the no-decay parameter
-groups, and the checkpoint loader (`load_encoder`).
+Also here: FLOP accounting (`block_macs`, `vit_forward_flops`, `mfu`), the optimiser's parameter
+groups (no-decay, layer-wise lr decay) and the checkpoint loader (`load_encoder`).
 """
 import argparse
 import math
 import os
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -84,13 +85,9 @@ class Attention(nn.Module):
         return (out, attn) if return_attn else out
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+class Mlp(nn.Sequential):
+    def __init__(self, dim, hidden):  # timm's names: fc1, act, fc2
+        super().__init__(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
 
 
 class Block(nn.Module):
@@ -102,11 +99,9 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x, context=None, return_attn=False):
-        """context: None for self-attention, else the keys/values (B, M, D) for cross-attention
-        (they are normalised by norm1 as well)."""
+        """context: None for self-attention, else the keys/values (B, M, D) of cross-attention (norm1 applies to them too)."""
         ctx = None if context is None else self.norm1(context)
-        a = self.attn(self.norm1(x), ctx, return_attn)
-        a, attn = a if return_attn else (a, None)
+        a, attn = self.attn(self.norm1(x), ctx, return_attn=True) if return_attn else (self.attn(self.norm1(x), ctx), None)
         x = x + self.drop_path(a)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return (x, attn) if return_attn else x
@@ -115,10 +110,10 @@ class Block(nn.Module):
 class ViT(nn.Module):
     """Encoder only (no classifier head). `prefix_tokens` [cls]-like learnable tokens without position
     (1 for a standard ViT; SemanticMIM's proxies are "multiple [CLS] tokens", §4.1). Parameter names:
-    patch_embed.proj (patchify conv), cls_token (P, D), pos_embed (fixed buffer, patches only),
+    patch_embed.proj (patchify conv), cls_token (P, D), pos_embed (patches only: a fixed buffer, or learned),
     blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm (final LayerNorm)."""
     def __init__(self, img_size=224, patch_size=16, in_chans=3, dim=768, depth=12, heads=12,
-                 mlp_ratio=4.0, drop_path=0.0, prefix_tokens=1):
+                 mlp_ratio=4.0, drop_path=0.0, prefix_tokens=1, learned_pos=False):
         super().__init__()
         gh, gw = (img_size, img_size) if isinstance(img_size, int) else img_size
         if gh % patch_size or gw % patch_size:
@@ -127,7 +122,11 @@ class ViT(nn.Module):
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, prefix_tokens, dim))
-        self.register_buffer("pos_embed", sincos_pos_embed(dim, *self.grid)[None])  # (1, N, D)
+        pos = sincos_pos_embed(dim, *self.grid)[None]  # (1, N, D): fixed 2-D sin-cos (MAE)
+        if learned_pos:  # a learned table, trunc-normal 0.02 (Hugging Face ViT: KAMIM's released model; DeiT, DINO)
+            self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.zeros_like(pos), std=0.02))
+        else:
+            self.register_buffer("pos_embed", pos)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, drop_path * i / max(depth - 1, 1)) for i in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.apply(init_weights)
@@ -154,11 +153,8 @@ class ViT(nn.Module):
         """Run blocks 1..upto (1-indexed, default all). Returns x, or (x, [attn (B, h, L, L) per block])."""
         attns = []
         for blk in self.blocks[:upto]:
-            if return_attn:
-                x, a = blk(x, return_attn=True)
-                attns.append(a)
-            else:
-                x = blk(x)
+            x, a = blk(x, return_attn=True) if return_attn else (blk(x), None)
+            attns.append(a)
         return (x, attns) if return_attn else x
 
     def forward(self, img, upto=None, norm=True, return_attn=False):
@@ -188,16 +184,22 @@ def vit(name, img_size=224, **kw):
     return ViT(img_size=img_size, **{**CONFIGS[name], **kw})
 
 
-def param_groups(model, weight_decay, decay_tokens=False):
-    """AdamW groups: no weight decay on biases and norms (every tensor with ndim < 2), nor, unless
-    decay_tokens (MAE's rule), on tokens and learned position embeddings."""
-    decay, no_decay = [], []
+def param_groups(model, weight_decay, decay_tokens=False, layer_decay=1.0):
+    """AdamW groups with an "lr_scale" each. No weight decay on biases and norms (ndim < 2), nor, unless
+    decay_tokens (MAE's rule), on tokens and learned positions. Layer-wise lr decay (BEiT; MAE fine-tuning):
+    lr_scale = layer_decay^(depth + 1 - layer), where layer 0 is the model's ViT's patch embedding, tokens and
+    positions, layer i + 1 its block i (0-indexed), layer depth + 1 the rest (final norm, heads, decoder)."""
+    enc = next((m for m in model.modules() if isinstance(m, ViT)), None)
+    depth = len(enc.blocks) if enc is not None else 0
+    layer = {p: int(n.split(".")[1]) + 1 if n.startswith("blocks.") else 0 if n.startswith(("patch_embed", "cls_token",
+             "pos_embed")) else depth + 1 for n, p in (enc.named_parameters() if enc is not None else [])}
+    groups = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or not decay_tokens and (name.endswith("token") or "pos_embed" in name)
-        (no_decay if skip else decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+        if p.requires_grad:
+            skip = p.ndim < 2 or not decay_tokens and (name.endswith("token") or "pos_embed" in name)
+            groups.setdefault((skip, layer_decay ** (depth + 1 - layer.get(p, depth + 1))), []).append(p)
+    return [dict(params=ps, weight_decay=0.0 if skip else weight_decay, lr_scale=scale)
+            for (skip, scale), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1]))]
 
 
 # ---- FLOP accounting. Unit: multiply-adds (MACs), as SemanticMIM App. C counts; FLOPs = 2 x MACs. ----
@@ -244,10 +246,9 @@ def read_state_dict(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     with torch.serialization.safe_globals([argparse.Namespace]):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("encoder", "model", "state_dict", "teacher"):  # ours, MAE / DeiT, generic, DINO
-        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
-            return ckpt[key]
-    return ckpt
+    key = next((k for k in ("encoder", "model", "state_dict", "teacher")  # ours, MAE / DeiT, generic, DINO
+                if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict)), None)
+    return ckpt if key is None else ckpt[key]
 
 
 def resize_pos_embed(pos, grid):
@@ -287,8 +288,7 @@ def load_encoder(model, path_or_state):
             out["cls_token"] = out["cls_token"] + pos[:, :extra]
         out["pos_embed"] = pos if pos.shape[1] == n else resize_pos_embed(pos[:, extra:], model.grid)
     own = model.state_dict()
-    missing = sorted(set(own) - set(out))
-    unexpected = sorted(set(out) - set(own))
+    missing, unexpected = sorted(set(own) - set(out)), sorted(set(out) - set(own))
     shapes = [f"{k}: checkpoint {tuple(out[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in out and out[k].shape != own[k].shape]
     if missing or unexpected or shapes:

@@ -124,7 +124,7 @@ def test_lr_rules():
 
 def test_layer_decay_groups():
     m = small()
-    groups = lut.layer_decay_groups(m, 0.05, 0.5)
+    groups = vit.param_groups(m, 0.05, decay_tokens=True, layer_decay=0.5)  # §5.1: all but biases and 1-D decay (MAE)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     assert scale[id(m.encoder.patch_embed.proj.weight)] == 0.5 ** 5  # depth 4: layer 0
     assert scale[id(m.encoder.blocks[3].mlp.fc1.weight)] == 0.5 and scale[id(m.decoder_pred.weight)] == 1.0

@@ -256,6 +256,9 @@ def train(args):
               + f"  {per_epoch} steps/epoch, {total} in all" + (f"  resuming at step {step}" if step else ""))
         if step == 0:
             data.log_json(os.path.join(args.out, "log.jsonl"), data.run_info(args, device))
+    if accum > 1 and args.alpha > 0 and rank == 0:  # BN statistics per micro-batch: not the same as one big batch
+        print(f"warning: {accum} accumulation steps: the heads' BatchNorm normalises each micro-batch of {micro} alone, "
+              "so this is not equal to one batch of --batch-size (raise --micro-batch or use more GPUs)")
     if world > 1 and cuda:  # §5.1: SyncBN in the heads (CPU/gloo has none: each process normalises its own batch)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = torch.compile(model) if args.compile else model
@@ -321,17 +324,19 @@ def parse_args(argv=None):
     a("--mean", type=float, nargs="+", help="per-channel normalisation mean (default ImageNet's; one channel: its average)")
     a("--std", type=float, nargs="+", help="per-channel normalisation std (default ImageNet's; one channel: its average)")
     a("--batch-size", type=int, default=None, help="GLOBAL batch, §5.1: 4096")
-    a("--micro-batch", type=int, default=128, help="most images per GPU per forward; accumulation reaches --batch-size")
+    a("--micro-batch", type=int, default=128, help="most images per GPU per forward; accumulation reaches --batch-size "
+      "(BatchNorm in the heads sees each micro-batch alone, so accumulation is not one big batch; per-GPU BN in the "
+      "released code has the same property)")
     a("--lr", type=float, default=1.5e-4, help="base lr per 256 images, §5.1: 1.5e-4 (2.4e-3 at batch 4096)")
     a("--lr-scaling", default="linear", choices=["linear", "sqrt"], help="lr = base x batch/256 (MAE, the paper's "
       "protocol); released code: sqrt, base x sqrt(batch) / 4: equal at 4096 only, 4x larger at 256")
     a("--epochs", type=int, default=None, help="§5.1: 1600 (ablations, Table 4: 400)")
     a("--warmup-epochs", type=int, default=None, help="§5.1: 40, linear from 0, then half-cosine to 0 per step")
     a("--weight-decay", type=float, default=0.05, help="AdamW, §5.1: 0.05, none on biases and 1-D parameters")
-    a("--betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW betas: §5.1 (0.9, 0.999); released code and "
-      "MAE: 0.9 0.95")
-    a("--layer-decay", type=float, default=0.65, help="layer-wise lr decay in pre-training as §5.1 states (0.65); the "
-      "released code and MAE use none: 1.0")
+    a("--betas", type=float, nargs=2, default=[0.9, 0.95], help="AdamW betas: released code and MAE pretraining 0.9 "
+      "0.95 (default; §5.1 cites MAE's protocol, then lists MAE's fine-tuning 0.9 0.999, LUT Table D: self-contradiction)")
+    a("--layer-decay", type=float, default=1.0, help="layer-wise lr decay: 1.0 = none, as MAE and the released code "
+      "pretrain (default); §5.1 literally: 0.65, MAE's fine-tuning value (Table D)")
     a("--clip-grad", type=float, default=0.0, help="gradient-norm clip; 0 = none (MAE and the released code)")
     a("--mask-ratio", type=float, default=0.75, help="r in §2.1, |M| = floor(rN); §5.1: 0.75")
     a("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True, help="eq. 1 target: each patch normalised "

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import v2
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -157,11 +158,23 @@ def denormalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return (x * s + m).clamp(0, 1).expand(-1, 3, -1, -1)
 
 
-def kamim_crop(img_size=192):
+def kamim_crop(img_size=192, antialias=False):
     """KAMIM / SimMIM (§4.1): random resized crop, scale (0.67, 1), ratio (3/4, 4/3), then vertical and
-    horizontal flips, p 0.5 each. Returns PIL: keypoints are found on this crop, then to_uint8()."""
-    return T.Compose([T.RandomResizedCrop(image_size(img_size), scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3)),
-                      T.RandomVerticalFlip(), T.RandomHorizontalFlip()])
+    horizontal flips, p 0.5 each. PIL RGB -> the (H, W, 3) uint8 array FAST runs on and the model receives.
+    Default = the released loader: torchvision v2 on a uint8 tensor, bilinear, antialias=False (T = 0.25
+    was tuned on it); antialias=True: the PIL crop (always antialiased: ~27 % fewer FAST keypoints)."""
+    size, rrc = image_size(img_size), dict(scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3))
+    if antialias:
+        tf = T.Compose([T.RandomResizedCrop(size, **rrc), T.RandomVerticalFlip(), T.RandomHorizontalFlip(), T.PILToTensor()])
+    else:
+        tf = T.Compose([v2.PILToTensor(), v2.RandomResizedCrop(size, **rrc, antialias=False),
+                        v2.RandomVerticalFlip(), v2.RandomHorizontalFlip()])
+    return T.Compose([tf, _hwc])
+
+
+def _hwc(x):
+    """(C, H, W) uint8 tensor -> (H, W, C) uint8 array (a named function: loader workers pickle it)."""
+    return x.permute(1, 2, 0).contiguous().numpy()
 
 
 def mae_crop(img_size=224):
@@ -348,6 +361,14 @@ def cosine(step, total, warmup, peak, final=0.0, start=0.0):
         return start + (peak - start) * step / warmup
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def timm_cosine(step, total, warmup, peak, final=0.0, start=0.0):
+    """timm's CosineLRScheduler (KAMIM's released code): ONE cosine from `peak` at step 0 to `final` at `total`,
+    the linear warmup from `start` overriding its first `warmup` steps (no fresh half-cosine after warmup)."""
+    if step < warmup:
+        return start + (peak - start) * step / warmup
+    return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total))))
 
 
 def rng_state():

@@ -10,9 +10,10 @@ blocks gives a weight W >= 1 per block, which multiplies each masked pixel's l1 
     torchrun --nproc_per_node=8 kamim.py --model vit_b --data /imagenet --detector none   # SimMIM
 
 The loader ships the cheap uint8 point map; Omega, W and the released code's circles are computed
-on the training device. Released code (For TPUs/) differences sit behind flags: --keypoints points
-(the paper's single pixels; circles are the default because they produced the paper's numbers),
---clip-logits, --decay-all.
+on the training device. Where the paper is silent the released code (For TPUs/) decides the default: circles
+(--keypoints points: the paper's single pixels), the uint8 crop without antialiasing (--antialias),
+a learned position table (--pos sincos), weight decay on every parameter (--decay-exclusions), timm's
+cosine (--lr-curve fresh); --clip-logits adds the code's clamp.
 """
 import argparse
 import contextlib
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.transforms import v2 as T
 from torchvision.utils import save_image
 
 import data
@@ -39,7 +41,8 @@ RING = torch.tensor([[int(c) for c in row] for row in
 def keypoint_circles(points, ring=RING):
     """Released code: each keypoint drawn as a circle (cv2.drawKeypoints). For FAST this equals the point
     map convolved with RING, thresholded at > 0. points (B, 1, d, d) {0, 1} -> (B, 1, d, d) {0, 1} float.
-    ORB / SIFT draw size-dependent circles at sub-pixel centres: this stamp only approximates them.
+    cv2.drawKeypoints with default flags draws radius 3 for every keypoint whatever its size; ORB / SIFT
+    centres are sub-pixel, so for them this stamp only approximates the drawn map.
     Pass the ring already on the device (KAMIM keeps it as a buffer): a copy from the host each step syncs."""
     ring = ring.to(points.device, torch.float32).view(1, 1, 9, 9)
     return (F.conv2d(points.float(), ring, padding=4) > 0).float()
@@ -132,16 +135,18 @@ def train_flops(model):
 class KamimTransform:
     """PIL -> (image (C, H, W) uint8, mask (H/p, W/p) uint8 1 = masked[, point map F (H, W) uint8]); the step
     normalises the image on the device. Keypoints are found on the augmented RGB crop, after both flips (§4.1)."""
-    def __init__(self, img_size, model_patch, mask_patch=32, mask_ratio=0.6, detector="fast", in_chans=3):
-        self.crop, self.to_tensor = data.kamim_crop(img_size), data.to_uint8(in_chans)
+    def __init__(self, img_size, model_patch, mask_patch=32, mask_ratio=0.6, detector="fast", in_chans=3,
+                 antialias=False):
+        self.crop, self.in_chans = data.kamim_crop(img_size, antialias), in_chans  # released crop: uint8, no antialias
         self.mask_args, self.detector = (img_size, mask_patch, model_patch, mask_ratio), detector  # no lambda: picklable
 
     def __call__(self, img):
-        crop = self.crop(img)
-        out = (self.to_tensor(crop), data.simmim_mask(*self.mask_args))
+        crop = self.crop(img)  # (H, W, 3) uint8, flipped: FAST sees exactly the pixels the model receives
+        x = torch.from_numpy(crop).permute(2, 0, 1)  # (3, H, W) uint8
+        out = (T.functional.rgb_to_grayscale(x) if self.in_chans == 1 else x, data.simmim_mask(*self.mask_args))
         if self.detector == "none":  # SimMIM: no keypoint work at all
             return out
-        return out + (torch.from_numpy(data.keypoint_map(np.asarray(crop), self.detector)),)
+        return out + (torch.from_numpy(data.keypoint_map(crop, self.detector)),)
 
 
 @torch.no_grad()
@@ -167,15 +172,18 @@ def train(args):
     rank, world, device = data.setup(args.seed)
     cuda = device.type == "cuda"
     micro, accum = data.batch_split(args.batch_size, world, args.micro_batch or args.batch_size)
-    lr = args.lr * args.batch_size / REF_BATCH  # linear scaling rule (released code)
-    encoder = vit.vit(args.model, img_size=args.img_size, in_chans=args.in_chans)
+    # the released code sets an absolute lr (8e-4 at its batch 2048); we scale linearly (this project's convention,
+    # Goyal et al. 2017 as SimMIM / MAE) and scale the warmup start and the floor alike (issue 15: they belong to 2048)
+    lr, min_lr, warmup_lr = (v * args.batch_size / REF_BATCH for v in (args.lr, args.min_lr, args.warmup_lr))
+    encoder = vit.vit(args.model, img_size=args.img_size, in_chans=args.in_chans, learned_pos=args.pos == "learned")
     model = KAMIM(encoder, args.wps, args.temperature, args.keypoints == "circles",
                   20.0 if args.clip_logits else None).to(device)
-    groups = ([dict(params=list(model.parameters()), weight_decay=args.weight_decay)] if args.decay_all
-              else vit.param_groups(model, args.weight_decay))
+    groups = (vit.param_groups(model, args.weight_decay) if args.decay_exclusions  # none on norms, biases, tokens
+              else [dict(params=list(model.parameters()), weight_decay=args.weight_decay, lr_scale=1.0)])  # released code
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), **({"fused": True} if cuda else {}))
     ds = data.Seeded(data.dataset(args.data, "train"), KamimTransform(args.img_size, encoder.patch_size, args.mask_patch,
-                                                                     args.mask_ratio, args.detector, args.in_chans), args.seed)
+                                                                     args.mask_ratio, args.detector, args.in_chans,
+                                                                     args.antialias), args.seed)
     dl = data.loader(ds, micro, train=True, workers=args.workers, seed=args.seed)
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
@@ -196,9 +204,9 @@ def train(args):
     sums, n_log, t0, last, done = {}, 0, time.time(), None, 0
     model.train()
     for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start=step):
-        lr_now = data.cosine(step, total, warmup, lr, final=args.min_lr, start=args.warmup_lr)
+        lr_now = (data.timm_cosine if args.lr_curve == "timm" else data.cosine)(step, total, warmup, lr, min_lr, warmup_lr)
         for g in opt.param_groups:
-            g["lr"] = lr_now
+            g["lr"] = lr_now * g["lr_scale"]
         for i, (batch, _) in enumerate(micro_batches):
             batch = [t.to(device, non_blocking=True) for t in batch]
             batch[0] = data.normalize_batch(batch[0], args.mean, args.std)  # uint8 from the loader
@@ -249,13 +257,20 @@ def parse_args(argv=None):
     a("--batch-size", type=int, default=None, help="GLOBAL batch; released code: 2048 (the paper gives none)")
     a("--micro-batch", type=int, default=None, help="most images per GPU per forward; accumulation reaches --batch-size")
     a("--lr", type=float, default=8e-4, help="peak lr at batch 2048 (§4.1: 8e-4), scaled linearly to --batch-size")
-    a("--warmup-lr", type=float, default=1e-6, help="lr the warmup starts from (released code)")
-    a("--min-lr", type=float, default=1e-5, help="the cosine's floor (released code)")
+    a("--warmup-lr", type=float, default=1e-6, help="lr the warmup starts from at batch 2048 (released code), scaled like --lr")
+    a("--min-lr", type=float, default=1e-5, help="the cosine's floor at batch 2048 (released code), scaled like --lr")
+    a("--lr-curve", default="timm", choices=["timm", "fresh"], help="timm (default, released code: timm's "
+      "CosineLRScheduler, one cosine over all epochs, the linear warmup overriding its start); fresh: a new "
+      "half-cosine from the peak after warmup")
     a("--epochs", type=int, default=None, help="§4.1: 100 (the released loop then runs 10 more at the floor)")
     a("--warmup-epochs", type=int, default=None, help="§4.1: 10")
     a("--weight-decay", type=float, default=0.05, help="AdamW, §4.1: 0.05, betas (0.9, 0.999)")
-    a("--decay-all", action="store_true", help="released code: weight decay on every parameter (default: none on "
-      "norms, biases, tokens)")
+    a("--decay-exclusions", action="store_true", help="no weight decay on norms, biases, tokens, positions (MAE's "
+      "habit); default: every parameter decays, as the released code (the paper is silent)")
+    a("--antialias", action="store_true", help="crop the PIL image (antialiased) instead of the released loader's "
+      "uint8 tensor crop without antialiasing (the default, on which T = 0.25 was tuned)")
+    a("--pos", default="learned", choices=["learned", "sincos"], help="absolute position embedding: learned, "
+      "trunc-normal 0.02 (released code: Hugging Face ViT; Table 1's counts) or fixed 2-D sin-cos")
     a("--clip-grad", type=float, default=1.0, help="gradient-norm clip (released code: 1.0)")
     a("--detector", default="fast", choices=["fast", "orb", "sift", "none"], help="keypoints for F (§3.2, Table 4: "
       "FAST; ORB, SIFT); none = plain SimMIM, no keypoint work in the loader")

@@ -130,7 +130,7 @@ def test_seeded_samples_are_independent_of_workers_and_resume():
 
 def test_transforms_shapes():
     img = Image.new("RGB", (300, 200), (120, 60, 30))
-    assert data.kamim_crop(192)(img).size == (192, 192)
+    assert data.kamim_crop(192)(img).shape == data.kamim_crop(192, antialias=True)(img).shape == (192, 192, 3)
     assert data.mae_crop(224)(img).size == (224, 224)
     assert data.simple_resized_crop(224)(img).size == (224, 224)
     assert data.three_augment()(img).size == (300, 200)
@@ -142,7 +142,7 @@ def test_transforms_shapes():
 def test_image_size_and_channels():
     assert data.image_size(192) == data.image_size("192") == (192, 192) and data.image_size("192x256") == (192, 256)
     img = Image.new("RGB", (300, 200), (120, 60, 30))
-    assert data.kamim_crop("64x96")(img).size == (96, 64)  # PIL: (width, height)
+    assert data.kamim_crop("64x96")(img).shape == (64, 96, 3)  # (H, W, 3) uint8
     assert data.simple_resized_crop((64, 96))(img).size == (96, 64)
     assert data.center_crop((64, 96))(img).shape == (3, 64, 96) and data.mae_crop((64, 96))(img).size == (96, 64)
     mean, std = data.channel_stats(1)

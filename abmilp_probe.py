@@ -358,6 +358,8 @@ PROTOCOLS = {  # the probe behind each paper's numbers (digest); every individua
                   epochs=100, warmup_epochs=10, weight_decay=0.05, img_size=192, mix=True),  # KAMIM App. A (SimMIM's probe)
     "semanticmim": dict(pool="cls", block=7, head_bn=True, optimizer="adamw", lr=4e-3, ref_batch=1024, batch_size=1024,
                         epochs=100, warmup_epochs=0, weight_decay=1e-4, img_size=224),  # §4.1, BEiT's protocol; BN head: ours (unsaid)
+    "semanticmim_code": dict(pool="avg", block=None, head_bn=True, optimizer="adamw", lr=4e-3, ref_batch=1024, batch_size=1024,
+                             epochs=100, warmup_epochs=0, weight_decay=1e-4, img_size=224),  # yyk-wew/SemanticMIM: mean of final tokens
 }
 
 
@@ -370,7 +372,7 @@ def parse_args(argv=None):
     a("--model", help="vit_demo / vit_t / vit_s / vit_b / vit_l / vit_h (default vit_b; demo vit_demo)")
     a("--protocol", default="mae", choices=PROTOCOLS, help="preset of the flags below: mae (Beyond [cls] §5, MAE's "
       "probe; default), kamim (KAMIM App. A: block 8, avg, no BN, AdamW 5e-3, TrivialAugment + RandomErasing, "
-      "MixUp / CutMix), semanticmim (§4.1: block 7, AdamW 4e-3)")
+      "MixUp / CutMix), semanticmim (§4.1: block 7, AdamW 4e-3), semanticmim_code (released configs: mean of final tokens)")
     a("--pool", choices=["cls", "avg", "abmilp", "all"], help="cls ([cls] / proxy tokens), avg (patch mean) or abmilp "
       "(eq. 6; mae preset); all = one probe each, side by side")
     a("--block", type=int, help="read the tokens after block K (1-indexed; default the last; SimMIM/KAMIM 8, SemanticMIM 7)")

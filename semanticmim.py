@@ -13,6 +13,12 @@ vit.ViT whose prefix tokens are the proxies.
 
 Target: MaskFeat's HOG (the paper's MaskFeat column, the default). BEiT's column needs the DALL-E dVAE
 tokenizer (8192 codes), whose weights cannot ship here: it is not implemented.
+
+Released code (yyk-wew/SemanticMIM, mmpretrain, commit 842509a), checked against eq. 4: each block has its
+own separate layer in which q = [MASK] and k / v = [this block's updated PROXY, MASK], then an MLP; that is
+reconstruction_layer below. Its configs differ from the paper, whose explicit values stay the defaults:
+MaskFeat-bottleneck --mask-ratio 0.8, BEiT-bottleneck --proxies 1, and the linear probe on the average of the
+final tokens with AdamW lr 4e-3 for 100 epochs (abmilp_probe.py --protocol semanticmim_code).
 """
 import argparse
 import contextlib
@@ -42,7 +48,7 @@ def hog(img, bins=9, cell=8, window=0):
     measured from the image's y axis as MaskFeat's code does (atan2(gx, gy)): a vertical edge lands in
     bin 4, a horizontal one in bin 0; votes weighted by gradient magnitude, summed over cell x cell
     pixels; each cell's histogram L2-normalised. `window` > 0 weights the magnitudes by a Gaussian of
-    that size tiled over the image (MaskFeat's released code uses 16; the paper does not say)."""
+    that size tiled over the image (0 = none: SlowFast's MaskFeat default; the paper does not say)."""
     B, C, H, W = img.shape
     d = torch.arange(-1.0, 2.0, device=img.device, dtype=img.dtype)  # made on the device: no host copy (a sync)
     sobel = (2 - d.abs())[:, None] * -d  # [[1, 0, -1], [2, 0, -2], [1, 0, -1]]
@@ -172,6 +178,9 @@ class SemanticMIM(nn.Module):
                 h = vanilla_layer(blk, h)
             return h, None, None
         B, N, D = x.shape
+        if mask.shape != (B, N) or (mask.sum(1) != self.n_mask).any():
+            raise ValueError(f"mask must be (B, N) = ({B}, {N}) with exactly {self.n_mask} masked patches per row "
+                             f"(--mask-ratio); got shape {tuple(mask.shape)}, counts {mask.sum(1).unique().tolist()}")
         ids = mask.int().argsort(dim=1, stable=True)  # visible first, then masked, each in patch order
         ids_keep, ids_mask = ids[:, :N - self.n_mask], ids[:, N - self.n_mask:]
         pos = enc.pos_embed.expand(B, -1, -1)
@@ -335,13 +344,13 @@ def parse_args(argv=None):
     a("--clip-grad", type=float, default=0.02, help="gradient-norm clip (Table 2: 0.02 MaskFeat, 3.0 BEiT)")
     a("--drop-path", type=float, default=0.0, help="stochastic depth (Table 2's value is garbled; MaskFeat pretrains with 0)")
     a("--crop-min", type=float, default=0.5, help="random resized crop scale (crop-min, 1) (Table 2: 0.5 MaskFeat, 0.08 BEiT)")
-    a("--proxies", type=int, default=8, help="L1, the [PROXY] tokens (§4.1: 8, Fig. 5); 0 = the vanilla MIM of eq. 2 with one [CLS]")
-    a("--mask-ratio", type=float, default=None, help="masked share of patches (§4.1: 0.6 with proxies, 0.4 for the vanilla baseline)")
+    a("--proxies", type=int, default=8, help="L1, the [PROXY] tokens (§4.1: 8, Fig. 5; released BEiT-bottleneck config: 1); 0 = the vanilla MIM of eq. 2 with one [CLS]")
+    a("--mask-ratio", type=float, default=None, help="masked share of patches (§4.1: 0.6 with proxies, 0.4 for the vanilla baseline; released MaskFeat-bottleneck config: 0.8)")
     a("--target", default="hog", choices=["hog", "pixels"], help="hog: MaskFeat's (the paper's MaskFeat column); pixels: normalised pixels (ours)")
     a("--loss", default="mse", choices=["mse", "l1"], help="MaskFeat uses mse; §3.1 claims l1 for HOG (it is wrong about MaskFeat)")
     a("--hog-bins", type=int, default=9, help="HOG orientation bins over 180 degrees (MaskFeat: 9)")
     a("--hog-cell", type=int, default=8, help="HOG cell size in pixels (MaskFeat: 8, i.e. 2 x 2 cells per 16 px patch)")
-    a("--hog-window", type=int, default=0, help="Gaussian window over the HOG magnitudes; MaskFeat's released code: 16 (the paper: none said)")
+    a("--hog-window", type=int, default=0, help="Gaussian window over the HOG magnitudes; 0 = none (SlowFast's MaskFeat default, the released code; the paper: none said)")
     a("--out", default="runs/semanticmim", help="output folder: log.jsonl, checkpoint.pt (auto-resumed), figures")
     a("--workers", type=int, default=8, help="data-loader workers per process")
     a("--seed", type=int, default=0)

@@ -1,0 +1,135 @@
+"""Issue 13: every default against the paper / released-code table, and the wiring the defaults rely on."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import abmilp_probe
+import data
+import kamim
+import lut
+import semanticmim
+import vit
+
+KAMIM_PAPER = dict(  # kamim.py --data X: the paper's run
+    model="vit_b", img_size=(192, 192),  # §4.1
+    batch_size=2048,  # released code (the paper gives none)
+    lr=8e-4, warmup_lr=1e-6, min_lr=1e-5,  # §4.1 lr; warmup start / floor: released code, at batch 2048
+    epochs=100, warmup_epochs=10, weight_decay=0.05, clip_grad=1.0,  # §4.1; clip: released code
+    detector="fast", wps=8, temperature=0.25,  # §3.2, Table 2
+    keypoints="circles", mask_patch=32, mask_ratio=0.6,  # released cv2.drawKeypoints; §4.1
+    decay_exclusions=False, antialias=False, pos="learned", lr_curve="timm",  # released code (issue 13, items 2-5)
+    clip_logits=False)
+LUT_PAPER = dict(
+    model="vit_b", img_size=(224, 224), batch_size=4096, lr=1.5e-4, lr_scaling="linear",  # §5.1 (MAE's protocol)
+    epochs=1600, warmup_epochs=40, weight_decay=0.05, clip_grad=0.0,  # §5.1; no clipping (MAE, released code)
+    betas=[0.9, 0.95], layer_decay=1.0,  # MAE pretraining / released code (§5.1 contradicts itself: digest 2026-12)
+    mask_ratio=0.75, norm_pix_loss=True,  # §5.1, released models
+    decoder_dim=512, decoder_depth=8, decoder_heads=16,  # MAE decoder, §5.1
+    alpha=0.25, ema_momentum=0.996, ema_schedule="cosine", head_hidden=4096,  # Table B (ViT-B), §5.1
+    two_view=False, crop="src")  # the paper's single extra view; Table 4f
+SEMANTICMIM_PAPER = dict(
+    model="vit_b", img_size=(224, 224), batch_size=2048, lr=1.6e-3, min_lr=1e-6, epochs=300, warmup_epochs=30,  # §4.1, Table 2
+    weight_decay=0.05, clip_grad=0.02, drop_path=0.0, crop_min=0.5,  # Table 2 (MaskFeat column)
+    proxies=8, mask_ratio=0.6, target="hog", loss="mse",  # §4.1, Fig. 5; MaskFeat's loss
+    hog_bins=9, hog_cell=8, hog_window=0)  # MaskFeat / SlowFast default
+PROBES = dict(  # abmilp_probe.PROTOCOLS
+    mae=dict(pool="abmilp", block=None, head_bn=True, optimizer="lars", lr=0.1, ref_batch=256, batch_size=16384,
+             epochs=90, warmup_epochs=10, weight_decay=0.0, img_size=224),  # Beyond [cls] §5 (MAE's probe)
+    kamim=dict(pool="avg", block=8, head_bn=False, optimizer="adamw", lr=5e-3, ref_batch=2048, batch_size=2048,
+               epochs=100, warmup_epochs=10, weight_decay=0.05, img_size=192, mix=True),  # KAMIM App. A
+    semanticmim=dict(pool="cls", block=7, head_bn=True, optimizer="adamw", lr=4e-3, ref_batch=1024, batch_size=1024,
+                     epochs=100, warmup_epochs=0, weight_decay=1e-4, img_size=224),  # SemanticMIM §4.1 (BEiT's)
+    semanticmim_code=dict(pool="avg", block=None, head_bn=True, optimizer="adamw", lr=4e-3, ref_batch=1024,
+                          batch_size=1024, epochs=100, warmup_epochs=0, weight_decay=1e-4, img_size=224))  # released
+
+
+@pytest.mark.parametrize("mod,table", [(kamim, KAMIM_PAPER), (lut, LUT_PAPER), (semanticmim, SEMANTICMIM_PAPER)])
+def test_paper_defaults(mod, table):
+    args = vars(mod.parse_args(["--data", "/nonexistent"]))
+    assert {k: args[k] for k in table} == table
+
+
+@pytest.mark.parametrize("mod,keys", [(kamim, ["detector", "temperature", "keypoints", "mask_ratio", "antialias",
+                                               "pos", "decay_exclusions", "lr_curve", "weight_decay", "clip_grad"]),
+                                      (lut, ["mask_ratio", "norm_pix_loss", "betas", "layer_decay", "ema_momentum",
+                                             "ema_schedule", "lr_scaling", "weight_decay", "clip_grad"]),
+                                      (semanticmim, ["proxies", "mask_ratio", "target", "loss", "hog_bins", "hog_window",
+                                                     "weight_decay", "clip_grad", "crop_min"])])
+def test_demo_keeps_the_paper_values(mod, keys):
+    args, table = vars(mod.parse_args([])), {**KAMIM_PAPER, **LUT_PAPER, **SEMANTICMIM_PAPER}
+    ref = {kamim: KAMIM_PAPER, lut: LUT_PAPER, semanticmim: SEMANTICMIM_PAPER}[mod]
+    assert {k: args[k] for k in keys} == {k: ref[k] for k in keys} and table
+
+
+def test_probe_presets():
+    assert abmilp_probe.PROTOCOLS == PROBES
+
+
+def test_kamim_table1_trainable_params():
+    # Table 1 (192 px, encoder only): 5.515 / 21.646 / 85.759 M, with the learned position table trainable
+    for name, ref in (("vit_t", 5.515), ("vit_s", 21.646), ("vit_b", 85.759)):
+        enc = vit.vit(name, img_size=192, learned_pos=True)
+        n = sum(p.numel() for p in enc.parameters() if p.requires_grad) / 1e6
+        assert abs(n - ref) < 0.1, (name, n)
+        assert enc.pos_embed.requires_grad
+    enc = vit.vit("vit_t", img_size=192)  # fixed sin-cos: 145 x 192 fewer trainable (MAE / LUT)
+    assert sum(p.numel() for p in enc.parameters() if p.requires_grad) < 5.515e6 - 145 * 192 + 10
+
+
+def test_learned_table_loads_deit_checkpoint_and_stays_trainable():
+    src = vit.vit("vit_demo", learned_pos=True)
+    with torch.no_grad():
+        src.pos_embed.normal_()
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    dst = vit.vit("vit_demo", learned_pos=True)
+    vit.load_encoder(dst, sd)
+    assert isinstance(dst.pos_embed, torch.nn.Parameter) and dst.pos_embed.requires_grad
+    assert torch.equal(dst.pos_embed.detach(), sd["pos_embed"])
+    assert any(p is dst.pos_embed for p in dst.parameters())  # an optimiser built after loading trains it
+
+
+def test_kamim_crop_is_the_released_one():
+    tf = data.kamim_crop(192).transforms[0].transforms  # PILToTensor, RRC, vflip, hflip (torchvision v2, uint8)
+    rrc = tf[1]
+    assert type(rrc).__module__.startswith("torchvision.transforms.v2") and rrc.antialias is False
+    assert rrc.scale == (0.67, 1.0) and rrc.ratio == pytest.approx((3 / 4, 4 / 3)) and list(rrc.size) == [192, 192]
+    assert [type(t).__name__ for t in tf[2:]] == ["RandomVerticalFlip", "RandomHorizontalFlip"]
+    assert tf[2].p == tf[3].p == 0.5
+    # no antialiasing: a 1-px checkerboard, shrunk, keeps aliased contrast (antialiasing greys it almost flat)
+    board = Image.fromarray(((np.indices((384, 384)).sum(0) % 2) * 255).astype(np.uint8)).convert("RGB")
+    for seed in range(3):
+        torch.manual_seed(seed)
+        crop = data.kamim_crop(192)(board)
+        torch.manual_seed(seed)
+        smooth = data.kamim_crop(192, antialias=True)(board)
+        assert crop.dtype == smooth.dtype == np.uint8 and crop.shape == smooth.shape == (192, 192, 3)
+        edge = lambda x: np.abs(np.diff(x.astype(float), axis=1)).mean()
+        assert edge(crop) > 1 and edge(crop) > 30 * edge(smooth)
+
+
+def test_keypoints_are_fast_on_the_exact_crop_the_model_gets():
+    tf = kamim.KamimTransform(96, 8, 16)
+    for i in range(4):
+        torch.manual_seed(i)
+        img, _, points = tf(data.DemoShapes("train")[i][0])
+        ref = data.keypoint_map(img.permute(1, 2, 0).contiguous().numpy())  # FAST on the very pixels shipped
+        assert ref.sum() > 5 and np.array_equal(points.numpy(), ref)
+
+
+def test_timm_cosine_and_kamim_schedule_never_rise_after_warmup():
+    total, warmup, peak, lo, start = 100, 10, 1.0, 0.01, 0.001
+    assert data.timm_cosine(0, total, warmup, peak, lo, start) == start
+    assert data.timm_cosine(5, total, warmup, peak, lo, start) == pytest.approx(start + (peak - start) / 2)
+    # one cosine over ALL steps: at step 10 it is already below the peak, at step 50 exactly half-way
+    assert data.timm_cosine(10, total, warmup, peak, lo, start) == pytest.approx(lo + (peak - lo) * (1 + math.cos(math.pi / 10)) / 2)
+    assert data.timm_cosine(50, total, warmup, peak, lo, start) == pytest.approx((peak + lo) / 2)
+    assert data.timm_cosine(100, total, warmup, peak, lo, start) == pytest.approx(lo)
+    # issue 15 item 5: kamim scales --min-lr and --warmup-lr with the batch like --lr; at batch 16 the floor must
+    # stay below the peak
+    a = kamim.parse_args(["--batch-size", "16"])
+    s = a.batch_size / kamim.REF_BATCH
+    curve = [data.timm_cosine(t, 200, 20, a.lr * s, a.min_lr * s, a.warmup_lr * s) for t in range(201)]
+    assert all(x >= y for x, y in zip(curve[20:], curve[21:])) and curve[-1] < curve[20]

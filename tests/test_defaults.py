@@ -59,9 +59,9 @@ def test_paper_defaults(mod, table):
                                       (semanticmim, ["proxies", "mask_ratio", "target", "loss", "hog_bins", "hog_window",
                                                      "weight_decay", "clip_grad", "crop_min"])])
 def test_demo_keeps_the_paper_values(mod, keys):
-    args, table = vars(mod.parse_args([])), {**KAMIM_PAPER, **LUT_PAPER, **SEMANTICMIM_PAPER}
+    args = vars(mod.parse_args([]))
     ref = {kamim: KAMIM_PAPER, lut: LUT_PAPER, semanticmim: SEMANTICMIM_PAPER}[mod]
-    assert {k: args[k] for k in keys} == {k: ref[k] for k in keys} and table
+    assert {k: args[k] for k in keys} == {k: ref[k] for k in keys}
 
 
 def test_probe_presets():
@@ -133,3 +133,19 @@ def test_timm_cosine_and_kamim_schedule_never_rise_after_warmup():
     s = a.batch_size / kamim.REF_BATCH
     curve = [data.timm_cosine(t, 200, 20, a.lr * s, a.min_lr * s, a.warmup_lr * s) for t in range(201)]
     assert all(x >= y for x, y in zip(curve[20:], curve[21:])) and curve[-1] < curve[20]
+
+
+def test_semanticmim_tokens_rejects_a_wrong_mask_count():
+    m = semanticmim.SemanticMIM("vit_demo", 32, 8, 0.6).eval()  # 16 patches, n_mask masked
+    img, mask = torch.randn(2, 3, 32, 32), torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, :m.n_mask] = True
+    m.tokens(img, mask)  # the right count passes
+    mask[1, m.n_mask] = True  # one extra masked patch in image 1
+    with pytest.raises(ValueError, match="exactly"):
+        m.tokens(img, mask)
+
+
+def test_lut_warns_about_batchnorm_under_accumulation(tmp_path, capsys):
+    lut.train(lut.parse_args(["--batch-size", "8", "--micro-batch", "4", "--max-steps", "1", "--out", str(tmp_path),
+                              "--workers", "0"]))
+    assert "BatchNorm" in capsys.readouterr().out

@@ -149,3 +149,19 @@ def test_lut_warns_about_batchnorm_under_accumulation(tmp_path, capsys):
     lut.train(lut.parse_args(["--batch-size", "8", "--micro-batch", "4", "--max-steps", "1", "--out", str(tmp_path),
                               "--workers", "0"]))
     assert "BatchNorm" in capsys.readouterr().out
+
+
+def test_kamim_train_wiring(tmp_path):
+    # one demo step: learned positions train, every parameter decays, and the logged lr is the batch-scaled warmup
+    # start (issue 15 item 5: --warmup-lr / --min-lr scale with the batch like --lr)
+    import json
+    a = kamim.parse_args(["--batch-size", "16", "--max-steps", "1", "--log-every", "1", "--out", str(tmp_path),
+                          "--workers", "0", "--epochs", "2", "--warmup-epochs", "1"])
+    model = kamim.train(a)
+    assert isinstance(model.encoder.pos_embed, torch.nn.Parameter) and model.encoder.pos_embed.requires_grad
+    log = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
+    lr = [r["lr"] for r in log if "lr" in r][-1]
+    assert lr == pytest.approx(a.warmup_lr * 16 / kamim.REF_BATCH)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    groups = next(v for k, v in ck.items() if "opt" in k)["param_groups"]
+    assert {g["weight_decay"] for g in groups} == {0.05}  # released code: no exclusions by default

@@ -164,11 +164,9 @@ def kamim_crop(img_size=192, antialias=False):
     Default = the released loader: torchvision v2 on a uint8 tensor, bilinear, antialias=False (T = 0.25
     was tuned on it); antialias=True: the PIL crop (always antialiased: ~27 % fewer FAST keypoints)."""
     size, rrc = image_size(img_size), dict(scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3))
-    if antialias:
-        tf = T.Compose([T.RandomResizedCrop(size, **rrc), T.RandomVerticalFlip(), T.RandomHorizontalFlip(), T.PILToTensor()])
-    else:
-        tf = T.Compose([v2.PILToTensor(), v2.RandomResizedCrop(size, **rrc, antialias=False),
-                        v2.RandomVerticalFlip(), v2.RandomHorizontalFlip()])
+    tf = (T.Compose([T.RandomResizedCrop(size, **rrc), T.RandomVerticalFlip(), T.RandomHorizontalFlip(), T.PILToTensor()])
+          if antialias else T.Compose([v2.PILToTensor(), v2.RandomResizedCrop(size, **rrc, antialias=False),
+                                       v2.RandomVerticalFlip(), v2.RandomHorizontalFlip()]))
     return T.Compose([tf, _hwc])
 
 
@@ -364,8 +362,7 @@ def cosine(step, total, warmup, peak, final=0.0, start=0.0):
 
 
 def timm_cosine(step, total, warmup, peak, final=0.0, start=0.0):
-    """timm's CosineLRScheduler (KAMIM's released code): ONE cosine from `peak` at step 0 to `final` at `total`,
-    the linear warmup from `start` overriding its first `warmup` steps (no fresh half-cosine after warmup)."""
+    """timm's CosineLRScheduler (KAMIM's code): ONE cosine from step 0 to `total`, the warmup overriding its start."""
     if step < warmup:
         return start + (peak - start) * step / warmup
     return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total))))

@@ -165,3 +165,14 @@ def test_kamim_train_wiring(tmp_path):
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     groups = next(v for k, v in ck.items() if "opt" in k)["param_groups"]
     assert {g["weight_decay"] for g in groups} == {0.05}  # released code: no exclusions by default
+
+
+def test_lut_every_group_lr_is_schedule_times_layer_scale(tmp_path):
+    lut.train(lut.parse_args(["--batch-size", "8", "--micro-batch", "8", "--max-steps", "2", "--out", str(tmp_path),
+                              "--workers", "0", "--layer-decay", "0.5"]))
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    groups = next(v for k, v in ck.items() if "opt" in k)["param_groups"]
+    scales = {g["lr_scale"] for g in groups}
+    assert len(scales) > 3 and min(scales) < 0.5 ** 3  # the decay reaches the groups
+    base = {g["lr"] / g["lr_scale"] for g in groups}
+    assert max(base) == pytest.approx(min(base)) and max(base) > 0  # one schedule value x each group's scale

@@ -176,3 +176,36 @@ def test_lut_every_group_lr_is_schedule_times_layer_scale(tmp_path):
     assert len(scales) > 3 and min(scales) < 0.5 ** 3  # the decay reaches the groups
     base = {g["lr"] / g["lr_scale"] for g in groups}
     assert max(base) == pytest.approx(min(base)) and max(base) > 0  # one schedule value x each group's scale
+
+
+def test_eq2_min_is_per_image():
+    omega = torch.stack([torch.full((1, 3, 3), 0.5), torch.zeros(1, 3, 3)])  # image 0's min is 0.5, image 1's 0
+    omega[0, 0, 0, 0] = 0.75
+    W = kamim.kamim_weights(omega, 0.25)
+    assert torch.allclose(W.amin(dim=(1, 2, 3)), torch.ones(2))  # every image's own min is 1
+    assert W[0, 0, 0, 0] == pytest.approx(math.exp(1.0))  # (0.75 - 0.5) / 0.25
+
+
+def test_lut_pooled_vectors_exclude_cls():
+    m = lut.LUT(vit.vit("vit_demo", img_size=32), decoder_dim=32, decoder_depth=1, decoder_heads=2, head_hidden=64).eval()
+    tokens = torch.randn(2, 1 + 4, 128)
+    changed = tokens.clone()
+    changed[:, 0] += 100  # only [cls] differs
+    assert torch.allclose(m.online(tokens), m.online(changed))
+    def bump_cls(mod, inp, out):
+        out[:, 0] += 100  # in place; returns None so the output itself is kept
+    seen = m.teacher.encoder.register_forward_hook(bump_cls)
+    view = torch.randn(2, 3, 32, 32)
+    a = m.target(view)
+    seen.remove()
+    assert torch.allclose(a, m.target(view), atol=1e-5)
+
+
+def test_lut_context_view_augmented_reconstruction_view_not():
+    v = lut.Views(32, "src", two=True)
+    names = lambda tf: [type(t).__name__ for t in tf.transforms[1].transforms] if len(tf.transforms) > 2 else []
+    assert [type(t).__name__ for t in v.recon.transforms] == ["Compose", "Compose"]  # SRC, to uint8: no jitter
+    jitter, choice = v.context.transforms[1].transforms
+    cj = jitter.transforms[0]
+    assert jitter.p == 0.8 and (cj.brightness, cj.contrast, cj.saturation, cj.hue) == ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
+    assert [type(t).__name__ for t in choice.transforms] == ["Grayscale", "RandomSolarize", "GaussianBlur"] and names

@@ -208,3 +208,14 @@ def test_lut_context_view_augmented_reconstruction_view_not():
     cj = jitter.transforms[0]
     assert jitter.p == 0.8 and (cj.brightness, cj.contrast, cj.saturation, cj.hue) == ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
     assert [type(t).__name__ for t in choice.transforms] == ["Grayscale", "RandomSolarize", "GaussianBlur"]
+
+
+def test_semanticmim_mask_tokens_carry_their_patch_positions(monkeypatch):
+    m = semanticmim.SemanticMIM("vit_demo", 32, 8, 0.6).eval()
+    mask = torch.stack([semanticmim.random_patch_mask(16, m.n_mask) for _ in range(2)])
+    first, layer = [], semanticmim.semanticmim_layer
+    monkeypatch.setattr(semanticmim, "semanticmim_layer", lambda blk, cross, h, mt, P: first.append(mt) or layer(blk, cross, h, mt, P))
+    _, _, ids_mask = m.tokens(torch.randn(2, 3, 32, 32), mask)
+    assert torch.equal(mask.gather(1, ids_mask), torch.ones_like(ids_mask, dtype=torch.bool))  # they are masked patches
+    ref = m.mask_token + m.encoder.pos_embed[0, ids_mask]  # (B, L2, D): [MASK] + its own patch's position
+    assert torch.allclose(first[0], ref)

@@ -56,6 +56,22 @@ def attention_stats(attn, P=1):
     return torch.stack([cls_self, cls_entropy, patch_self, patch_entropy], dim=1)
 
 
+@torch.no_grad()
+def knn_classify(query, bank, bank_labels, num_classes, k=20, T=0.07, chunk=65536):
+    # DINO's weighted kNN (eval_knn.py): cosine similarity to every bank feature, the k nearest vote for their
+    # class with weight exp(sim / T). query (Q, D), bank (M, D) any dtype, labels (M,) -> class votes (Q, K).
+    """The bank is read `chunk` rows at a time and only the running top-k is kept: memory Q x (chunk + k), never
+    Q x M (ImageNet: 1.28 M x 768 fp16 = 1.9 GiB bank, one 65536-row chunk ~0.1 GiB in fp32 beside it)."""
+    q = F.normalize(query.float(), dim=1)
+    sims, labels = q.new_empty(len(q), 0), bank_labels.new_empty(len(q), 0)
+    for i in range(0, len(bank), chunk):
+        s = q @ F.normalize(bank[i:i + chunk].to(q), dim=1).T  # (Q, chunk) cosine similarities
+        sims, labels = torch.cat([sims, s], 1), torch.cat([labels, bank_labels[i:i + chunk].expand(len(q), -1)], 1)
+        sims, top = sims.topk(min(k, sims.shape[1]), dim=1)  # the running k nearest (Q, k)
+        labels = labels.gather(1, top)
+    return q.new_zeros(len(q), num_classes).scatter_add_(1, labels, (sims / T).exp())
+
+
 STATS = ("cls_self", "cls_entropy", "patch_self_rel", "patch_entropy")
 
 
@@ -318,6 +334,52 @@ def train(args, cache=None):
 
 
 @torch.no_grad()
+def knn(args, cache):
+    """--pool knn: every val image against every train image by knn_classify (k --knn-k, T --knn-t), on the [cls]
+    and on the average features of block --block (centre crops, or the cached tokens). Each rank pools its share
+    of each split; the shares are gathered (fp16) so every rank holds the whole bank and classifies its own rows
+    of val. Returns {"knn_cls": (top-1, top-5), "knn_avg": (top-1, top-5)} in %."""
+    rank, world, device = data.setup(args.seed)
+    torch.manual_seed(args.seed)  # a random init is the same on every rank (rank 0's, as in train())
+    model = Probe(build_encoder(args.model, args.img_size, args.checkpoint, args.in_chans), 1, "avg", args.block,
+                  args.final_norm).to(device)
+    P, feats = model.encoder.num_prefix, {}
+    for split in ("train", "val"):
+        ds = data.dataset(args.data, split, labelled=True)
+        if args.cache_features and split not in cache:
+            cache[split] = cache_features(model, ds, args.img_size, args.micro_batch, device, args.protocol, args.mean, args.std)
+        dl = data.loader(cache[split] if args.cache_features else data.Seeded(ds, transforms(args.img_size, args.protocol,
+                         args.mean, args.std)[1]), args.micro_batch, train=False, workers=0 if args.cache_features else args.workers)
+        data.set_epoch(dl, 0)
+        f, y = [], []
+        for x, label in dl:
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                t = model.features(x.to(device)) if x.ndim == 4 else x.to(device)  # (B, P + N, D)
+            f.append(torch.stack([t[:, :P].mean(1), t[:, P:].mean(1)], 1).half()), y.append(label.to(device))  # (B, 2, D)
+        f, y = torch.cat(f), torch.cat(y)
+        if world > 1:  # the sampler deals index i to rank i % world (padded to equal shares): interleave, cut the padding
+            parts = [[torch.empty_like(t) for _ in range(world)] for t in (f, y)]
+            dist.all_gather(parts[0], f), dist.all_gather(parts[1], y)
+            f, y = (torch.stack(p, 1).flatten(0, 1)[:len(ds)] for p in parts)  # (n, 2, D), (n,) in dataset order
+        feats[split] = (f, y)
+    (bank, bank_y), (val, val_y) = feats["train"], feats["val"]
+    results = {}
+    for j, name in enumerate(("knn_cls", "knn_avg")):
+        hits = torch.zeros(2, device=device)
+        for i in range(rank * 1024, len(val), world * 1024):  # rank r: rows r x 1024 ... in blocks of 1024
+            votes = knn_classify(val[i:i + 1024, j], bank[:, j], bank_y, len(ds.classes), args.knn_k, args.knn_t)
+            top = votes.topk(min(5, votes.shape[1]), dim=1).indices
+            hits += torch.stack([(top[:, 0] == val_y[i:i + 1024]).sum(), (top == val_y[i:i + 1024, None]).any(1).sum()])
+        if world > 1:
+            dist.all_reduce(hits)
+        results[name] = tuple((100 * hits / len(val)).tolist())
+        if rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            data.report(dict(pool=name, k=args.knn_k, T=args.knn_t, top1=results[name][0], top5=results[name][1]), args.out)
+    return results
+
+
+@torch.no_grad()
 def attention_statistics(args):
     """§4 over the val split: the four statistics per block, averaged over heads and images -> JSON + table."""
     rank, world, device = data.setup(args.seed)
@@ -373,8 +435,10 @@ def parse_args(argv=None):
     a("--protocol", default="mae", choices=PROTOCOLS, help="preset of the flags below: mae (Beyond [cls] §5, MAE's "
       "probe; default), kamim (KAMIM App. A: block 8, avg, no BN, AdamW 5e-3, TrivialAugment + RandomErasing, "
       "MixUp / CutMix), semanticmim (§4.1: block 7, AdamW 4e-3), semanticmim_code (released configs: mean of final tokens)")
-    a("--pool", choices=["cls", "avg", "abmilp", "all"], help="cls ([cls] / proxy tokens), avg (patch mean) or abmilp "
-      "(eq. 6; mae preset); all = one probe each, side by side")
+    a("--pool", choices=["cls", "avg", "abmilp", "knn", "all"], help="cls ([cls] / proxy tokens), avg (patch mean) or "
+      "abmilp (eq. 6; mae preset); knn = DINO's weighted kNN on [cls] and avg, no training; all = each, side by side")
+    a("--knn-k", type=int, default=20, help="kNN neighbours (DINO: 20)")
+    a("--knn-t", type=float, default=0.07, help="kNN vote temperature, weight exp(cos / T) (DINO: 0.07)")
     a("--block", type=int, help="read the tokens after block K (1-indexed; default the last; SimMIM/KAMIM 8, SemanticMIM 7)")
     a("--final-norm", action=argparse.BooleanOptionalAction, default=False, help="apply the encoder's final LayerNorm "
       "(MAE's own probe does; Beyond [cls]'s released code, which produced Table 1, does not: default off)")
@@ -440,11 +504,11 @@ def parse_args(argv=None):
         p.error(f"--checkpoint {args.checkpoint} does not exist")
     if any(s % vit.CONFIGS[args.model]["patch_size"] for s in args.img_size):
         p.error(f"--img-size {args.img_size} is not a multiple of {args.model}'s patch size")
-    for k in ("batch_size", "micro_batch", "epochs", "ref_batch", "log_every", "save_every"):
+    for k in ("batch_size", "micro_batch", "epochs", "ref_batch", "log_every", "save_every", "knn_k"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be at least 1")
-    if args.lr <= 0 or not 0 <= args.warmup_epochs < args.epochs:
-        p.error("--lr must be > 0 and --warmup-epochs in [0, --epochs)")
+    if args.lr <= 0 or args.knn_t <= 0 or not 0 <= args.warmup_epochs < args.epochs:
+        p.error("--lr and --knn-t must be > 0 and --warmup-epochs in [0, --epochs)")
     return args
 
 
@@ -453,11 +517,11 @@ def main(argv=None):
     print("resolved args: " + json.dumps(vars(args)), flush=True)
     if args.attention_stats:
         return attention_statistics(args)
-    pools = ["cls", "avg", "abmilp"] if args.pool == "all" else [args.pool]
+    pools = ["cls", "avg", "abmilp", "knn"] if args.pool == "all" else [args.pool]
     cache, results = {}, {}
     for pool in pools:
-        out = os.path.join(args.out, pool) if len(pools) > 1 else args.out
-        results[pool] = train(argparse.Namespace(**{**vars(args), "pool": pool, "out": out}), cache)
+        ns = argparse.Namespace(**{**vars(args), "pool": pool, "out": os.path.join(args.out, pool) if len(pools) > 1 else args.out})
+        results.update(knn(ns, cache) if pool == "knn" else {pool: train(ns, cache)})
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"\nlinear probe, {args.model} block {args.block}{' + final norm' if args.final_norm else ''}, "
               f"{args.checkpoint or 'random init'}:\n" + "pool      top-1   top-5")

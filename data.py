@@ -399,13 +399,16 @@ def load_checkpoint(out_dir, name="checkpoint.pt"):
     return torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
 
 
-def resume(out_dir, model, opt):
-    """Auto-resume from out_dir/checkpoint.pt if any: weights, optimiser, RNG. Returns the step to go on from (0: none)."""
+def resume(out_dir, model, opt, probe=None):
+    """Auto-resume from out_dir/checkpoint.pt if any: weights, optimiser, RNG (and the online probe's head and
+    optimiser if both have one). Returns the step to go on from (0: none)."""
     ckpt = load_checkpoint(out_dir)
     if ckpt is None:
         return 0
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
+    if probe is not None and ckpt.get("probe"):
+        probe.load_state_dict(ckpt["probe"])
     set_rng_state(ckpt["rng"], ckpt["step"])
     return ckpt["step"]
 
@@ -422,10 +425,11 @@ def check_finite(loss, step, out_dir):
                          f"{os.path.join(out_dir, 'checkpoint.pt')} is the last good state")
 
 
-def save_run(out_dir, model, opt, step, args):
-    """Pretraining checkpoint (rank 0): model, its encoder alone (what probes load), optimiser, step, RNG, vars(args)."""
+def save_run(out_dir, model, opt, step, args, probe=None):
+    """Pretraining checkpoint (rank 0): model, its encoder alone (what probes load), optimiser, step, RNG, vars(args),
+    and the online probe's state (None without one)."""
     return save_checkpoint(dict(model=model.state_dict(), encoder=model.encoder.state_dict(), optimizer=opt.state_dict(),
-                                step=step, rng=rng_state(), args=vars(args)), out_dir)
+                                step=step, rng=rng_state(), args=vars(args), probe=probe and probe.state_dict()), out_dir)
 
 
 def log_json(path, record):

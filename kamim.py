@@ -28,6 +28,7 @@ from torchvision.transforms import v2 as T
 from torchvision.utils import save_image
 
 import data
+import online_probe
 import vit
 
 REF_BATCH = 2048  # the global batch the paper's lr 8e-4 belongs to (released code; the paper gives none)
@@ -185,10 +186,11 @@ def train(args):
                                                                      args.mask_ratio, args.detector, args.in_chans,
                                                                      args.antialias), args.seed)
     dl = data.loader(ds, micro, train=True, workers=args.workers, seed=args.seed)
+    probe, held = online_probe.online_probe(args, encoder, ds.base, device)  # (None, None) without labels
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
     os.makedirs(args.out, exist_ok=True)
-    step = data.resume(args.out, model, opt)  # auto-resume: weights, optimiser, step, RNG
+    step = data.resume(args.out, model, opt, probe)  # auto-resume: weights, optimiser, step, RNG
     if rank == 0:
         print("args:", "  ".join(f"{k}={v}" for k, v in vars(args).items()))
         print(f"world {world}  global batch {args.batch_size} = {micro} x {accum} accumulation x {world} processes  "
@@ -207,13 +209,15 @@ def train(args):
         lr_now = (data.timm_cosine if args.lr_curve == "timm" else data.cosine)(step, total, warmup, lr, min_lr, warmup_lr)
         for g in opt.param_groups:
             g["lr"] = lr_now * g["lr_scale"]
-        for i, (batch, _) in enumerate(micro_batches):
+        for i, (batch, y) in enumerate(micro_batches):
             batch = [t.to(device, non_blocking=True) for t in batch]
             batch[0] = data.normalize_batch(batch[0], args.mean, args.std)  # uint8 from the loader
             sync = contextlib.nullcontext() if world == 1 or i == accum - 1 else net.no_sync()
             with sync, autocast:
                 loss, terms = net(*batch)
                 (loss / accum).backward()
+            if probe:  # after backward: its own no-grad forward of the unmasked image, its own step
+                probe.step(model.encoder, batch[0], y.to(device))
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v / accum
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
@@ -226,14 +230,17 @@ def train(args):
             dt = time.time() - t0
             ips = n_log * args.batch_size / dt
             if rank == 0:
-                data.report(dict(epoch=epoch, step=step, **vals, lr=lr_now, img_s=ips, tflops=ips * flops / 1e12,
+                data.report(dict(epoch=epoch, step=step, **vals, **({"probe_top1": probe.top1()} if probe else {}),
+                                 lr=lr_now, img_s=ips, tflops=ips * flops / 1e12,
                                  mfu=vit.mfu(ips * flops / world, device)), args.out)
             sums, n_log, t0 = {}, 0, time.time()
         end_of_epoch = step % per_epoch == 0
         if step % args.save_every == 0 or end_of_epoch or step == total or done == args.max_steps:
             data.check_finite(sum(sums.values()), step, args.out)  # never overwrite the last good one
             if rank == 0:
-                data.save_run(args.out, model, opt, step, args)
+                data.save_run(args.out, model, opt, step, args, probe)
+        if end_of_epoch and rank == 0 and held:
+            data.report(dict(epoch=epoch, step=step, probe_val_top1=online_probe.held_out_top1(probe, model.encoder, held)), args.out)
         if end_of_epoch and rank == 0:
             save_figure(model, last, os.path.join(args.out, f"epoch{epoch:03d}.png"), args.mean, args.std)
         if done == args.max_steps:
@@ -288,6 +295,8 @@ def parse_args(argv=None):
     a("--save-every", type=int, default=1000, help="optimiser steps per checkpoint, also at each epoch end (default %(default)s)")
     a("--max-steps", type=int, default=None, help="stop after this many optimiser steps in this invocation")
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--online-probe", action=argparse.BooleanOptionalAction, help="BN + linear probe on the detached encoder "
+      "(logs probe_top1; never changes pretraining); default on when the data has class folders and in the demo")
     args = p.parse_args(argv)
     paper, demo = dict(model="vit_b", img_size=192, batch_size=2048, epochs=100, warmup_epochs=10, wps=8, mask_patch=32, workers=8), \
         dict(model="vit_demo", img_size=96, batch_size=128, epochs=6, warmup_epochs=1, wps=4, mask_patch=16, workers=1)

@@ -23,6 +23,7 @@ import torchvision.transforms as T
 from torchvision.utils import save_image
 
 import data
+import online_probe
 import vit
 
 REF_BATCH = 256  # MAE's convention, which §5.1 follows: lr = base lr x batch / 256
@@ -244,10 +245,11 @@ def train(args):
     opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(args.betas), **({"fused": True} if cuda else {}))
     ds = data.Seeded(data.dataset(args.data, "train"), Views(args.img_size, args.crop, args.alpha > 0, args.in_chans), args.seed)
     dl = data.loader(ds, micro, train=True, workers=args.workers, seed=args.seed)
+    probe, held = online_probe.online_probe(args, encoder, ds.base, device)  # (None, None) without labels
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
     os.makedirs(args.out, exist_ok=True)
-    step = data.resume(args.out, model, opt)  # auto-resume: weights (teacher and heads included), optimiser, step, RNG
+    step = data.resume(args.out, model, opt, probe)  # auto-resume: weights (teacher and heads included), optimiser, step, RNG
     if rank == 0:
         print("args:", "  ".join(f"{k}={v}" for k, v in vars(args).items()))
         print(f"world {world}  global batch {args.batch_size} = {micro} x {accum} accumulation x {world} processes  "
@@ -272,13 +274,15 @@ def train(args):
         lr_now = data.cosine(step, total, warmup, lr)
         for g in opt.param_groups:
             g["lr"] = lr_now * g["lr_scale"]
-        for i, (views, _) in enumerate(micro_batches):
+        for i, (views, y) in enumerate(micro_batches):
             views = [data.normalize_batch(t.to(device, non_blocking=True), args.mean, args.std) for t in views]  # uint8 in
             torch.manual_seed(hash((args.seed, step, rank, i)))  # the masks: a pure function of (seed, step, rank, i)
             sync = contextlib.nullcontext() if world == 1 or i == accum - 1 else net.no_sync()
             with sync, autocast:
                 loss, terms = net(*views)
                 (loss / accum).backward()
+            if probe:  # the student on the whole reconstruction view (the teacher sees the context view)
+                probe.step(model.encoder, views[0], y.to(device))
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v / accum
         if args.clip_grad:
@@ -296,14 +300,16 @@ def train(args):
             ips = n_log * args.batch_size / dt
             if rank == 0:
                 data.report(dict(epoch=epoch, step=step, loss=vals["mim"] + args.alpha * vals.get("bc", 0.0), **vals, lr=lr_now,
-                                 **({"ema": momentum} if args.alpha > 0 else {}), img_s=ips, tflops=ips * flops / 1e12,
+                                 **({"ema": momentum} if args.alpha > 0 else {}), **({"probe_top1": probe.top1()} if probe else {}), img_s=ips, tflops=ips * flops / 1e12,
                                  mfu=vit.mfu(ips * flops / world, device)), args.out)
             sums, n_log, t0 = {}, 0, time.time()
         end_of_epoch = step % per_epoch == 0
         if step % args.save_every == 0 or end_of_epoch or step == total or done == args.max_steps:
             data.check_finite(sum(sums.values()), step, args.out)  # never overwrite the last good one
             if rank == 0:
-                data.save_run(args.out, model, opt, step, args)
+                data.save_run(args.out, model, opt, step, args, probe)
+        if end_of_epoch and rank == 0 and held:
+            data.report(dict(epoch=epoch, step=step, probe_val_top1=online_probe.held_out_top1(probe, model.encoder, held)), args.out)
         if end_of_epoch and rank == 0:
             save_figure(model, last[:8], os.path.join(args.out, f"epoch{epoch:03d}.png"), args.mean, args.std)
         if done == args.max_steps:
@@ -362,6 +368,8 @@ def parse_args(argv=None):
     a("--save-every", type=int, default=1000, help="optimiser steps per checkpoint (also at each epoch end)")
     a("--max-steps", type=int, default=None, help="stop after this many optimiser steps in this invocation")
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--online-probe", action=argparse.BooleanOptionalAction, help="BN + linear probe on the detached encoder "
+      "(logs probe_top1; never changes pretraining); default on when the data has class folders and in the demo")
     args = p.parse_args(argv)
     paper = dict(model="vit_b", img_size=224, batch_size=4096, epochs=1600, warmup_epochs=40, decoder_dim=512,
                  decoder_depth=8, decoder_heads=16, workers=8)

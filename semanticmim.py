@@ -35,6 +35,7 @@ from torchvision import transforms as T
 from torchvision.utils import save_image
 
 import data
+import online_probe
 import vit
 
 REF_BATCH = 2048  # App. E, Table 2: the batch the paper's learning rate belongs to
@@ -257,6 +258,7 @@ def train(args):
                         args.hog_cell, args.hog_window, args.loss == "l1", args.drop_path, args.in_chans).to(device)
     ds = data.Seeded(data.dataset(args.data, "train"), data_hook(args, model), args.seed)
     dl = data.loader(ds, micro, workers=args.workers, seed=args.seed)
+    probe, held = online_probe.online_probe(args, model.encoder, ds.base, device)  # (None, None) without labels
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
     flops = model.train_flops()
@@ -269,7 +271,7 @@ def train(args):
               f"{flops / 1e9:.3g} GFLOP per training image")
     opt = torch.optim.AdamW(vit.param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8,
                             fused=device.type == "cuda")
-    start = data.resume(args.out, model, opt)  # auto-resume: weights, optimiser, step and RNG
+    start = data.resume(args.out, model, opt, probe)  # auto-resume: weights, optimiser, step and RNG
     if rank == 0 and start:
         print(f"resumed from {args.out}/checkpoint.pt at step {start}")
     elif rank == 0:
@@ -281,7 +283,7 @@ def train(args):
     for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start):
         for g in opt.param_groups:
             g["lr"] = data.cosine(step, total, warmup, lr, args.min_lr)
-        for i, ((img, mask), _) in enumerate(micro_batches):
+        for i, ((img, mask), y) in enumerate(micro_batches):
             img, mask = img.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             img = data.normalize_batch(img, args.mean, args.std)  # the loader ships uint8
             sync = world == 1 or i == accum - 1  # DDP all-reduces only on the last micro-batch
@@ -289,6 +291,8 @@ def train(args):
                 with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
                     loss, terms = ddp(img, mask)
                 (loss / accum).backward()
+            if probe:  # after backward: its own no-grad forward of the unmasked image, its own step
+                probe.step(model.encoder, img, y.to(device))
             running += loss.detach() / accum
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         opt.step()
@@ -306,13 +310,16 @@ def train(args):
             ips = n_log * args.batch_size / dt
             mfu = vit.mfu(flops * ips / world, device)
             if rank == 0:
-                data.report(dict(epoch=epoch, step=done, **{f"loss_{args.target}": avg.item()}, lr=opt.param_groups[0]["lr"],
+                data.report(dict(epoch=epoch, step=done, **{f"loss_{args.target}": avg.item()},
+                                 **({"probe_top1": probe.top1()} if probe else {}), lr=opt.param_groups[0]["lr"],
                                  img_s=ips, tflop_s=flops * ips / 1e12, mfu=mfu), args.out)
             running, n_log, t0 = torch.zeros((), device=device), 0, time.time()
         if done % args.save_every == 0 or done % per_epoch == 0 or done == total or stop:
             data.check_finite(running, done, args.out)  # never overwrite the last good one
             if rank == 0:
-                data.save_run(args.out, model, opt, done, args)
+                data.save_run(args.out, model, opt, done, args, probe)
+        if done % per_epoch == 0 and rank == 0 and held:
+            data.report(dict(epoch=epoch, step=done, probe_val_top1=online_probe.held_out_top1(probe, model.encoder, held)), args.out)
         if done % per_epoch == 0 and rank == 0:
             save_figure(model, os.path.join(args.out, f"proxy_attention_epoch{epoch:03d}.png"), fig_img, args.mean, args.std)
         if stop:
@@ -358,6 +365,8 @@ def parse_args(argv=None):
     a("--save-every", type=int, default=1000, help="optimiser steps between checkpoints (also at each epoch end)")
     a("--max-steps", type=int, default=0, help="stop after this many optimiser steps in this invocation (tests, smoke runs)")
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--online-probe", action=argparse.BooleanOptionalAction, help="BN + linear probe on the detached encoder "
+      "(logs probe_top1; never changes pretraining); default on when the data has class folders and in the demo")
     args = p.parse_args(argv)
     demo = args.data is None
     for k, paper, small in (("model", "vit_b", "vit_demo"), ("img_size", 224, 64), ("batch_size", 2048, 64), ("epochs", 300, 5),

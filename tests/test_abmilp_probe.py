@@ -144,7 +144,7 @@ def test_protocol_transforms():
 def test_each_pooling_trains_and_reports(tmp_path, monkeypatch):
     small_demo(monkeypatch)
     res = ap.main(["--img-size", "32", "--batch-size", "32", "--epochs", "8", "--log-every", "1", "--out", str(tmp_path)])
-    assert set(res) == {"cls", "avg", "abmilp"} and all(0 <= t1 <= t5 <= 100 for t1, t5 in res.values())
+    assert set(res) == {"cls", "avg", "abmilp", "knn_cls", "knn_avg"} and all(0 <= t1 <= t5 <= 100 for t1, t5 in res.values())
     losses = [r["loss"] for r in map(json.loads, open(tmp_path / "abmilp" / "log.jsonl")) if "loss" in r]
     assert len(losses) == 24 and sum(losses[-3:]) < sum(losses[:3])  # the demo lowers the loss
     assert os.path.exists(tmp_path / "abmilp" / "scores_epoch007.png")
@@ -178,6 +178,39 @@ def test_torchrun_two_processes(tmp_path):
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 2 and ck["args"]["pool"] == "abmilp" and 0 <= ck["result"][0] <= 100
+
+
+def test_knn_two_classes_by_hand():
+    # DINO's kNN: cosine (not dot: the bank's lengths differ), k nearest, each votes exp(sim / T) for its class
+    bank = torch.tensor([[3.0, 0.0], [0.0, 2.0], [1.0, 1.0], [-1.0, -0.5], [-1.0, -5.0]])
+    labels = torch.tensor([0, 1, 1, 0, 0])
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    for chunk in (1, 2, 100):  # the running top-k over chunks = one top-k over the whole bank
+        votes = ap.knn_classify(q, bank.half(), labels, 2, k=3, T=0.5, chunk=chunk)
+        c = math.exp(2 ** -0.5 / 0.5)  # the diagonal [1, 1] at cos 1/sqrt(2)
+        expect = torch.tensor([[math.exp(2), c + 1.0], [1.0, math.exp(2) + c]])  # q0: sims 1 (c0), .71, 0 (c1)
+        torch.testing.assert_close(votes, expect, rtol=1e-3, atol=1e-3)
+
+
+def test_knn_k1_is_nearest_neighbour_and_bank_order_is_irrelevant():
+    g = torch.Generator().manual_seed(0)
+    q, bank, labels = torch.randn(40, 8, generator=g), torch.randn(300, 8, generator=g), torch.randint(0, 5, (300,), generator=g)
+    nearest = labels[(torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(bank, dim=1).T).argmax(1)]
+    assert torch.equal(ap.knn_classify(q, bank, labels, 5, k=1, chunk=7).argmax(1), nearest)
+    perm = torch.randperm(300, generator=g)
+    v = ap.knn_classify(q, bank, labels, 5, chunk=64)
+    torch.testing.assert_close(ap.knn_classify(q, bank[perm], labels[perm], 5, chunk=64), v)
+    torch.testing.assert_close(v.sum(1), (torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(bank, dim=1).T).topk(20).values.div(0.07).exp().sum(1))  # k 20, T 0.07
+
+
+def test_knn_two_processes_equal_one(tmp_path):
+    run = lambda pre, out: subprocess.run(pre + [os.path.join(ROOT, "abmilp_probe.py"), "--img-size", "32", "--pool", "knn",
+                                                "--no-cache-features", "--micro-batch", "100", "--workers", "0", "--out", str(out)],
+                                          check=True, cwd=ROOT, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29641"], tmp_path / "two")
+    run([sys.executable], tmp_path / "one")
+    rows = [[r for r in map(json.loads, open(tmp_path / d / "log.jsonl")) if "top1" in r] for d in ("one", "two")]
+    assert [r["pool"] for r in rows[0]] == ["knn_cls", "knn_avg"] and rows[0] == rows[1]  # gathered bank = the whole bank
 
 
 def test_mix_batch_labels_match_images():

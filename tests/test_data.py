@@ -218,7 +218,7 @@ def test_save_run_resume_check_finite(tmp_path):
     assert data.resume(out, Net(), opt) == 0  # nothing to resume: step 0, nothing touched
     data.save_run(out, net, opt, 7, argparse.Namespace(lr=1e-3))
     ck = data.load_checkpoint(out)
-    assert set(ck) == {"model", "encoder", "optimizer", "step", "rng", "args"} and ck["args"] == {"lr": 1e-3}
+    assert set(ck) == {"model", "encoder", "optimizer", "step", "rng", "args", "probe"} and ck["args"] == {"lr": 1e-3}
     assert set(ck["encoder"]) == {"weight", "bias"} and ck["step"] == 7
     expected = torch.rand(3)  # what the RNG gives right after the save
     net2 = Net()

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import data
 import finetune
 import vit
 
@@ -57,3 +58,18 @@ def test_eval_counts_each_image_once(one_thread, tmp_path):
     args = finetune.parse_args(["--out", str(tmp_path), "--max-steps", "1", "--workers", "0", "--micro-batch", "128"])
     top1, top5, n = finetune.train(args)
     assert n == 384  # DemoShapes val, once each
+
+
+def test_distributed_eval_counts_once(tmp_path):
+    import json, os, subprocess, sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "tests/dist_eval.py", str(tmp_path)],
+                       cwd=root, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root})
+    assert r.returncode == 0, r.stderr[-2000:]
+    torch.manual_seed(0)
+    model = finetune.Classifier(vit.vit("vit_demo", 64), 6)
+    ds = data.Seeded(data.DemoShapes("val", size=7), data.center_crop(64))
+    single = finetune.evaluate(model, torch.utils.data.DataLoader(ds, 2), torch.device("cpu"))
+    for rank in range(2):
+        out = json.load(open(tmp_path / f"rank{rank}.json"))
+        assert out["n"] == 7 and out["top1"] == pytest.approx(single[0])

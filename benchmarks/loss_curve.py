@@ -21,7 +21,8 @@ def read_log(path):
     recs = [r for r in map(json.loads, open(path)) if "step" in r]
     if not recs:
         raise SystemExit(f"{path} holds no progress records")
-    terms = [k for k in recs[0] if k.startswith("loss") or k in ("mim", "bc", "l1")]
+    recs = [r for r in recs if any(k.startswith("loss") for k in r)] or recs  # finetune.py: top1 records apart
+    terms = [k for k in recs[0] if k.startswith("loss") or k in ("mim", "bc", "l1", "top1")]
     return [r["step"] for r in recs], {k: [r[k] for r in recs] for k in terms}
 
 

@@ -17,12 +17,13 @@ if [ "${1:-cpu}" = gpu ]; then
     $PY benchmarks/bench_lut.py --model vit_b --img-size 224 --batch-size 256 $G $c
     $PY benchmarks/bench_semanticmim.py --model vit_b --img-size 224 --batch-size 256 $G $c
     $PY benchmarks/bench_abmilp_probe.py --model vit_b --img-size 224 --batch-size 1024 $G $c
+    $PY benchmarks/bench_finetune.py --model vit_b --img-size 224 --batch-size 256 $G $c
   done
   if [ -n "${DATA:-}" ]; then
     $PY benchmarks/bench_data.py --data "$DATA" --workers 1 8 16 --images 8192
   fi
 else
-  for b in kamim lut semanticmim abmilp_probe; do
+  for b in kamim lut semanticmim abmilp_probe finetune; do
     $PY benchmarks/bench_$b.py --warmup 2 --steps 6
     echo
   done

@@ -188,6 +188,7 @@ def train(args):
             g["lr"] = lr_now * g["lr_scale"]  # layer-wise lr decay
         for i, (x, y) in enumerate(micro_batches):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            torch.manual_seed(hash((args.seed, step, rank, i)))  # mix and drop path: a pure function of the step (resume)
             x, y = mix(x, y) if mix else (x, y)  # soft labels (B, K)
             sync = contextlib.nullcontext() if world == 1 or i == accum - 1 else net.no_sync()
             with sync, amp:

@@ -73,3 +73,29 @@ def test_distributed_eval_counts_once(tmp_path):
     for rank in range(2):
         out = json.load(open(tmp_path / f"rank{rank}.json"))
         assert out["n"] == 7 and out["top1"] == pytest.approx(single[0])
+
+
+def test_step_on_kamim_checkpoint_loads_exactly_and_trains(one_thread, tmp_path):
+    import kamim
+    kamim.main(["--out", str(tmp_path / "pre"), "--max-steps", "1", "--img-size", "64", "--batch-size", "8", "--workers", "0"])
+    ck = str(tmp_path / "pre" / "checkpoint.pt")
+    args = finetune.parse_args(["--checkpoint", ck, "--out", str(tmp_path / "ft"), "--workers", "0", "--batch-size", "16"])
+    model = finetune.build(args, 6)
+    sd = vit.read_state_dict(ck)
+    for k, v in model.encoder.state_dict().items():
+        assert torch.equal(v, sd[k]), k  # loaded as saved, before any step
+    assert model.encoder.pos_embed.requires_grad  # MAE fine-tunes the position table
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args.max_steps, args.warmup_epochs = 2, 0
+    finetune.train(args)
+    after = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(not torch.equal(before[k], after[k]) for k in ("encoder.blocks.0.attn.qkv.weight", "head.weight", "encoder.pos_embed"))
+
+
+def test_bit_exact_resume(one_thread, tmp_path):
+    base = ["--workers", "0", "--batch-size", "16", "--log-every", "1"]
+    finetune.train(finetune.parse_args(base + ["--out", str(tmp_path / "a"), "--max-steps", "2"]))
+    for _ in range(2):
+        finetune.train(finetune.parse_args(base + ["--out", str(tmp_path / "b"), "--max-steps", "1"]))
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -21,8 +21,13 @@ def read_log(path):
     recs = [r for r in map(json.loads, open(path)) if "step" in r]
     if not recs:
         raise SystemExit(f"{path} holds no progress records")
+    evals = [r for r in recs if "top1" in r]  # finetune.py / abmilp_probe.py: val top-1 records, logged apart
+    recs = [r for r in recs if "top1" not in r] or recs
     terms = [k for k in recs[0] if k.startswith("loss") or k in ("mim", "bc", "l1")]
-    return [r["step"] for r in recs], {k: [r[k] for r in recs] for k in terms}
+    curves = {k: [r[k] for r in recs] for k in terms}
+    if evals:  # the latest val top-1 at or before each logged step (nan before the first evaluation)
+        curves["top1"] = [next((e["top1"] for e in reversed(evals) if e["step"] <= r["step"]), float("nan")) for r in recs]
+    return [r["step"] for r in recs], curves
 
 
 def plot(steps, curves, path, w=640, h=360, pad=40):
@@ -32,7 +37,7 @@ def plot(steps, curves, path, w=640, h=360, pad=40):
     x = pad + (np.array(steps) - steps[0]) / max(1, steps[-1] - steps[0]) * (w - 1.5 * pad)
     for i, (name, ys) in enumerate(curves.items()):
         ys = np.array(ys, dtype=float)
-        lo, hi = ys.min(), ys.max()
+        lo, hi = np.nanmin(ys), np.nanmax(ys)
         y = h - pad - (ys - lo) / max(hi - lo, 1e-12) * (h - pad - top)
         col = COLOURS[i % len(COLOURS)]
         cv2.polylines(img, [np.stack([x, y], 1).astype(np.int32)], False, col, 2, cv2.LINE_AA)

@@ -17,6 +17,7 @@ if [ "${1:-cpu}" = gpu ]; then
     $PY benchmarks/bench_lut.py --model vit_b --img-size 224 --batch-size 256 $G $c
     $PY benchmarks/bench_semanticmim.py --model vit_b --img-size 224 --batch-size 256 $G $c
     $PY benchmarks/bench_abmilp_probe.py --model vit_b --img-size 224 --batch-size 1024 $G $c
+    $PY benchmarks/bench_finetune.py --model vit_b --img-size 224 --batch-size 256 $G $c
   done
   $PY benchmarks/bench_knn.py --bank 1281167 --device cuda
   if [ -n "${DATA:-}" ]; then
@@ -24,7 +25,7 @@ if [ "${1:-cpu}" = gpu ]; then
   fi
 else
   $PY benchmarks/bench_knn.py
-  for b in kamim lut semanticmim abmilp_probe; do
+  for b in kamim lut semanticmim abmilp_probe finetune; do
     $PY benchmarks/bench_$b.py --warmup 2 --steps 6
     echo
   done

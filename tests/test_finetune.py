@@ -1,0 +1,101 @@
+"""finetune.py: layer-decay scales, drop-path rule, presets vs each paper's table, mix labels, eval counting, a step."""
+import pytest
+import torch
+
+import data
+import finetune
+import vit
+
+
+def test_layer_decay_scales_hand_computed():
+    m = finetune.Classifier(vit.ViT(img_size=16, patch_size=8, dim=8, depth=2, heads=2), 3)
+    scale = {id(p): g["lr_scale"] for g in vit.param_groups(m, 0.05, layer_decay=0.5) for p in g["params"]}
+    e = m.encoder
+    assert scale[id(e.patch_embed.proj.weight)] == 0.5 ** 3 and scale[id(e.cls_token)] == 0.5 ** 3  # layer 0
+    assert scale[id(e.blocks[0].attn.qkv.weight)] == 0.5 ** 2 and scale[id(e.blocks[1].mlp.fc1.weight)] == 0.5
+    assert scale[id(m.head.weight)] == 1.0 and scale[id(e.norm.weight)] == 1.0
+
+
+def test_drop_path_linear_rule():
+    e = vit.ViT(img_size=16, patch_size=8, dim=8, depth=5, heads=2, drop_path=0.2)
+    assert [b.drop_path.p for b in e.blocks] == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+
+
+@pytest.mark.parametrize("protocol,model,key,value", [
+    ("lut", "vit_b", "blr", 2.5e-4), ("lut", "vit_s", "blr", 5e-4), ("lut", "vit_l", "blr", 1e-3),  # Table D
+    ("lut", "vit_s", "layer_decay", 0.75), ("lut", "vit_b", "layer_decay", 0.65), ("lut", "vit_b", "batch_size", 1024),
+    ("lut", "vit_s", "epochs", 300), ("lut", "vit_b", "epochs", 100), ("lut", "vit_b", "warmup_epochs", 5),
+    ("lut", "vit_b", "mixup", 0.8), ("lut", "vit_b", "cutmix", 1.0), ("lut", "vit_b", "drop_path", 0.1),
+    ("lut", "vit_b", "smoothing", 0.1), ("lut", "vit_b", "weight_decay", 0.05),  # Table D
+    ("mae", "vit_b", "blr", 5e-4), ("mae", "vit_l", "layer_decay", 0.75), ("mae", "vit_l", "epochs", 50),  # FINETUNE.md
+    ("mae", "vit_b", "reprob", 0.25), ("mae", "vit_h", "drop_path", 0.3),  # FINETUNE.md
+    ("kamim", "vit_b", "blr", 5e-3), ("kamim", "vit_b", "epochs", 100), ("kamim", "vit_b", "warmup_epochs", 10),  # §4.1
+    ("kamim", "vit_b", "img_size", (192, 192)), ("kamim", "vit_b", "reprob", 0.5),  # §4.1.1
+    ("semanticmim", "vit_b", "blr", 4e-3), ("semanticmim", "vit_b", "batch_size", 1024),  # App. E Table 3
+    ("semanticmim", "vit_b", "epochs", 100), ("semanticmim", "vit_b", "drop_path", 0.1),  # App. E Table 3
+])
+def test_presets_match_papers(protocol, model, key, value, tmp_path):
+    args = finetune.parse_args(["--data", str(tmp_path), "--protocol", protocol, "--model", model])
+    assert getattr(args, key) == value
+
+
+def test_flag_overrides_preset(tmp_path):
+    assert finetune.parse_args(["--data", str(tmp_path), "--protocol", "lut", "--blr", "1e-4"]).blr == 1e-4
+
+
+def test_mix_soft_labels_match_images(one_thread):
+    torch.manual_seed(0)
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 8).clone()  # image i is constant i
+    y = torch.arange(4)
+    for _ in range(10):
+        xm, ym = finetune.mix_batch(4, 0.8, 1.0)(x, y)
+        assert torch.allclose(ym.sum(1), torch.ones(4))
+        # each image's mean value equals the label-weighted mean of the source constants (MixUp and CutMix alike)
+        assert torch.allclose(xm.mean((1, 2, 3)), ym @ torch.arange(4.0), atol=1e-5)
+
+
+def test_eval_counts_each_image_once(one_thread, tmp_path):
+    args = finetune.parse_args(["--out", str(tmp_path), "--max-steps", "1", "--workers", "0", "--micro-batch", "128"])
+    top1, top5, n = finetune.train(args)
+    assert n == 384  # DemoShapes val, once each
+
+
+def test_distributed_eval_counts_once(tmp_path):
+    import json, os, subprocess, sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "tests/dist_eval.py", str(tmp_path)],
+                       cwd=root, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root})
+    assert r.returncode == 0, r.stderr[-2000:]
+    torch.manual_seed(0)
+    model = finetune.Classifier(vit.vit("vit_demo", 64), 6)
+    ds = data.Seeded(data.DemoShapes("val", size=7), data.center_crop(64))
+    single = finetune.evaluate(model, torch.utils.data.DataLoader(ds, 2), torch.device("cpu"))
+    for rank in range(2):
+        out = json.load(open(tmp_path / f"rank{rank}.json"))
+        assert out["n"] == 7 and out["top1"] == pytest.approx(single[0])
+
+
+def test_step_on_kamim_checkpoint_loads_exactly_and_trains(one_thread, tmp_path):
+    import kamim
+    kamim.main(["--out", str(tmp_path / "pre"), "--max-steps", "1", "--img-size", "64", "--batch-size", "8", "--workers", "0"])
+    ck = str(tmp_path / "pre" / "checkpoint.pt")
+    args = finetune.parse_args(["--checkpoint", ck, "--out", str(tmp_path / "ft"), "--workers", "0", "--batch-size", "16"])
+    model = finetune.build(args, 6)
+    sd = vit.read_state_dict(ck)
+    for k, v in model.encoder.state_dict().items():
+        assert torch.equal(v, sd[k]), k  # loaded as saved, before any step
+    assert model.encoder.pos_embed.requires_grad  # MAE fine-tunes the position table
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args.max_steps, args.warmup_epochs = 2, 0
+    finetune.train(args)
+    after = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(not torch.equal(before[k], after[k]) for k in ("encoder.blocks.0.attn.qkv.weight", "head.weight", "encoder.pos_embed"))
+
+
+def test_bit_exact_resume(one_thread, tmp_path):
+    base = ["--workers", "0", "--batch-size", "16", "--log-every", "1"]
+    finetune.train(finetune.parse_args(base + ["--out", str(tmp_path / "a"), "--max-steps", "2"]))
+    for _ in range(2):
+        finetune.train(finetune.parse_args(base + ["--out", str(tmp_path / "b"), "--max-steps", "1"]))
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)

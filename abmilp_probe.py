@@ -238,7 +238,8 @@ def train(args, cache=None):
     """Train one probe; returns (top-1, top-5) on val. `cache`: a dict shared between calls (--cache-features)."""
     rank, world, device = data.setup(args.seed)
     encoder = build_encoder(args.model, args.img_size, args.checkpoint, args.in_chans)  # fails here, before any data is read
-    train_ds, val_ds = data.dataset(args.data, "train", labelled=True), data.dataset(args.data, "val", labelled=True)
+    train_ds = data.dataset(args.data, "train", labelled=True)
+    val_ds = data.dataset(args.data, "val", labelled=True, classes=train_ds.classes)  # one class map: train's
     model = Probe(encoder, len(train_ds.classes), args.pool, args.block, args.final_norm, args.head_bn,
                   args.proxy_pool, args.abmilp_t).to(device)
     micro, accum = data.batch_split(args.batch_size, world, args.micro_batch)
@@ -266,7 +267,8 @@ def train(args, cache=None):
         opt = torch.optim.AdamW(vit.param_groups(model, args.weight_decay), lr=lr, fused=device.type == "cuda")
     ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
     ck, start = data.load_checkpoint(args.out), 0
-    if ck is not None:  # auto-resume: head, optimiser, step, RNG
+    if ck is not None:  # auto-resume: head, optimiser, step, RNG, once the flags are the same run's
+        data.check_resume(ck["args"], args, os.path.join(args.out, "checkpoint.pt"))
         missing, unexpected = model.load_state_dict(ck["model"], strict=False)
         if unexpected or not all(k.startswith("encoder.") for k in missing):
             raise ValueError(f"{args.out}/checkpoint.pt is not this probe's head: missing {missing}, unexpected {unexpected}")
@@ -276,10 +278,12 @@ def train(args, cache=None):
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
     flops = 0 if args.cache_features else vit.vit_forward_flops(encoder, upto=args.block)  # forward only: frozen
+    if start and start >= total and rank == 0:
+        print(f"{args.out}/checkpoint.pt: already finished at step {start} of {total}; evaluating it", flush=True)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         data.log_json(os.path.join(args.out, "log.jsonl"), data.run_info(args, device))
-        print(f"probe {args.pool}: {count_params(model):,} trainable parameters, {'resuming at step %d' % start if start else 'from scratch'}; "
+        print(f"probe {args.pool}: {len(train_ds.classes)} classes, {count_params(model):,} trainable parameters, {'resuming at step %d' % start if start else 'from scratch'}; "
               f"lr {args.lr:g} at batch {args.ref_batch} -> {lr:g} at {args.batch_size} = {world} x {micro} x {accum} accum; "
               f"{per_epoch} steps/epoch, {total} steps", flush=True)
     amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
@@ -344,8 +348,9 @@ def knn(args, cache):
     model = Probe(build_encoder(args.model, args.img_size, args.checkpoint, args.in_chans), 1, "avg", args.block,
                   args.final_norm).to(device)
     P, feats = model.encoder.num_prefix, {}
-    for split in ("train", "val"):
-        ds = data.dataset(args.data, split, labelled=True)
+    for split in ("train", "val"):  # val numbered by train's class map
+        ds = data.dataset(args.data, split, labelled=True, classes=feats.get("classes"))
+        feats["classes"] = ds.classes
         if args.cache_features and split not in cache:
             cache[split] = cache_features(model, ds, args.img_size, args.micro_batch, device, args.protocol, args.mean, args.std)
         dl = data.loader(cache[split] if args.cache_features else data.Seeded(ds, transforms(args.img_size, args.protocol,
@@ -467,9 +472,12 @@ def parse_args(argv=None):
     a("--cache-features", action=argparse.BooleanOptionalAction, help="compute the frozen tokens once (centre crop, "
       "no augmentation) and train on them: fast for small data and sweeps, held in memory (on in the demo)")
     a("--attention-stats", action="store_true", help="§4: write the per-block attention statistics over val, no probe")
-    a("--out", default="runs/abmilp_probe", help="output folder (checkpoint.pt, log.jsonl, figures); --pool all: one sub-folder each")
-    a("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    a("--seed", type=int, default=0)
+    a("--out", help="output folder (checkpoint.pt, log.jsonl, figures; --pool all: one sub-folder each); default "
+      "runs/abmilp_probe/NAME, NAME the checkpoint's folder (runs/kamim/checkpoint.pt -> kamim) or random_init")
+    a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loader processes per GPU (default: the "
+      "machine's cores, at most 8)")
+    a("--seed", type=int, default=0, help="seeds the head's initialisation and every crop and batch order")
+    a("--resume-anyway", action="store_true", help="resume --out's checkpoint even though flags that change the run differ")
     a("--log-every", type=int, default=20, help="optimiser steps between progress lines")
     a("--save-every", type=int, default=1000, help="optimiser steps between checkpoints (also at each epoch end)")
     a("--max-steps", type=int, help="stop after this many optimiser steps in this invocation (tests, smoke runs)")
@@ -504,9 +512,11 @@ def parse_args(argv=None):
         p.error(f"--checkpoint {args.checkpoint} does not exist")
     if any(s % vit.CONFIGS[args.model]["patch_size"] for s in args.img_size):
         p.error(f"--img-size {args.img_size} is not a multiple of {args.model}'s patch size")
-    for k in ("batch_size", "micro_batch", "epochs", "ref_batch", "log_every", "save_every", "knn_k"):
-        if getattr(args, k) < 1:
-            p.error(f"--{k.replace('_', '-')} must be at least 1")
+    data.check_flags(p, args)
+    if args.out is None:  # one folder per encoder: a new checkpoint never resumes another's heads
+        name = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint))) if args.checkpoint and \
+            os.path.basename(args.checkpoint) == "checkpoint.pt" else os.path.splitext(os.path.basename(args.checkpoint or "random_init"))[0]
+        args.out = os.path.join("runs", "abmilp_probe", name)
     if args.lr <= 0 or args.knn_t <= 0 or not 0 <= args.warmup_epochs < args.epochs:
         p.error("--lr and --knn-t must be > 0 and --warmup-epochs in [0, --epochs)")
     return args

@@ -1,6 +1,7 @@
 """The one data loader (image folders, the built-in demo dataset, the papers' augmentations, masks and
 keypoint maps; every sample a pure function of (seed, epoch, index), so a killed run resumes mid-epoch on
 the same batches) and the run plumbing every script shares (torchrun, schedule, checkpoints, log)."""
+import argparse
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
@@ -27,24 +28,55 @@ warnings.filterwarnings("ignore", message="Palette images with Transparency", ca
 
 # ---- datasets: each returns (PIL RGB image, label) ----
 
+def read_image(path):
+    """The one image reader -> PIL RGB. EXIF orientation applied (phone and camera photos); CMYK, grey and a PNG
+    named .JPEG converted; 16-bit and 32-bit grey (I;16, I: 0..65535; F: 0..1) scaled to 8 bits, not clipped
+    to white; transparency (RGBA, LA, P with a transparent colour) composited over black."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I") or im.mode == "F":
+            a = np.asarray(im, dtype=np.float64) * (255 if im.mode == "F" else 255 / 65535)
+            im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+        if im.mode in ("RGBA", "LA", "PA") or im.mode == "P" and "transparency" in im.info:
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
+        return im.convert("RGB")
+
+
+def readable(path):
+    try:
+        return read_image(path) is not None
+    except Exception:
+        return False
+
+
 class ImageFiles(torch.utils.data.Dataset):
-    """Images under `root`: class sub-folders give labels (ImageNet layout, nested files found too);
-    a folder of images without sub-folders is one unlabelled class (label 0), for pretraining.
-    An unreadable file (truncated, not an image) is skipped with a warning and counted: the next file
-    stands in for it, so a multi-day run survives a bad copy."""
-    def __init__(self, root, labelled=False):
+    """Images under `root`: class sub-folders give labels (ImageNet layout, nested files found too; hidden
+    folders such as .ipynb_checkpoints are not classes); a folder of images without sub-folders is one
+    unlabelled class (label 0), for pretraining. `classes`: the class map to use (val takes train's, so a
+    label means the same class in both). An unreadable file (truncated, not an image) is skipped with a
+    warning and counted over the run (all workers): the next file stands in for it."""
+    def __init__(self, root, labelled=False, classes=None):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data folder {root} does not exist")
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        if labelled and not self.classes:
+        found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        if labelled and not found:
             raise ValueError(f"{root} holds no class folders; ImageNet's val split often comes flat: sort it "
                              "into class folders first (e.g. with the widely used valprep.sh)")
-        dirs = [(os.path.join(root, c), i) for i, c in enumerate(self.classes)] or [(root, 0)]
+        if classes is not None and set(found) - set(classes):
+            raise ValueError(f"{root} has classes the training split lacks: {sorted(set(found) - set(classes))[:5]}")
+        if classes is not None and set(classes) - set(found):
+            print(f"warning: {root} lacks {len(set(classes) - set(found))} of the training classes, e.g. "
+                  f"{sorted(set(classes) - set(found))[:3]}", file=sys.stderr)
+        self.classes = list(classes if classes is not None else found)
+        dirs = [(os.path.join(root, c), self.classes.index(c)) for c in found] or [(root, 0)]
         self.samples = [(os.path.join(d, f), label) for top, label in dirs for d, _, files in sorted(os.walk(top))
                         for f in sorted(files) if f.lower().endswith(IMG_EXTS)]
         if not self.samples:
             raise ValueError(f"no images ({', '.join(IMG_EXTS)}) found under {root}")
-        self.skipped = 0
+        sample = [p for p, _ in self.samples[::max(1, len(self.samples) // 16)][:16]]  # before any worker starts
+        if not any(readable(p) for p in sample):
+            raise ValueError(f"none of the {len(sample)} images sampled under {root} can be read, e.g. {sample[:3]}")
+        self.skipped = torch.zeros((), dtype=torch.int64).share_memory_()  # one counter shared by all workers
 
     def __len__(self):
         return len(self.samples)
@@ -53,11 +85,10 @@ class ImageFiles(torch.utils.data.Dataset):
         for j in range(i, i + 100):
             path, label = self.samples[j % len(self.samples)]
             try:
-                with Image.open(path) as im:
-                    return im.convert("RGB"), label  # CMYK, grayscale and PNG-named-.JPEG all become RGB
+                return read_image(path), label
             except Exception as e:  # truncated or not an image at all
                 self.skipped += 1
-                print(f"warning: skipping unreadable image {path} ({e}); {self.skipped} skipped in this worker",
+                print(f"warning: skipping unreadable image {path} ({e}); {int(self.skipped)} skipped in this run",
                       file=sys.stderr)
         raise RuntimeError(f"100 unreadable images in a row from {path}: is the data folder right?")
 
@@ -104,14 +135,25 @@ class DemoShapes(torch.utils.data.Dataset):
                 [box(x - r, y - q // 2, x + r, y + q // 2), box(x - q // 2, y - r, x + q // 2, y + r)]][label]
 
 
-def dataset(data, split, labelled=False):
-    """`--data PATH` -> PATH/split (or PATH itself when it has no such sub-folder); None -> the demo."""
+def dataset(data, split, labelled=False, classes=None):
+    """`--data PATH` -> PATH/split; None -> the demo. Unlabelled (pretraining): PATH itself when it has no such
+    sub-folder. Labelled (probes): PATH/train and PATH/val must both exist, never one folder for both (that
+    would measure on training images); `classes`: train's class map, for val."""
     if data is None:
         return DemoShapes(split)
     if not os.path.isdir(data):
         raise FileNotFoundError(f"--data {data} does not exist")
+    if labelled and not all(os.path.isdir(os.path.join(data, s)) for s in ("train", "val")):
+        raise ValueError(f"--data {data} needs train/ and val/ sub-folders of classes: evaluating on the training "
+                         "folder itself would report top-1 on training images")
     root = os.path.join(data, split) if os.path.isdir(os.path.join(data, split)) else data
-    return ImageFiles(root, labelled)
+    return ImageFiles(root, labelled, classes)
+
+
+def skipped(ds):
+    """{"skipped": unreadable images so far in the run} for a log record, {} while none (or for the demo)."""
+    n = int(getattr(getattr(ds, "base", ds), "skipped", 0))
+    return {"skipped": n} if n else {}
 
 
 # ---- augmentations (PIL in; what each returns is said) ----
@@ -394,22 +436,55 @@ def save_checkpoint(state, out_dir, name="checkpoint.pt"):
 
 
 def load_checkpoint(out_dir, name="checkpoint.pt"):
-    """The checkpoint in out_dir to resume from (weights_only: no pickled code runs), or None."""
+    """The checkpoint in out_dir to resume from (weights_only: no pickled code runs), or None. A file that is
+    not one (random bytes, a truncated copy) stops with its path and the fix, not torch's unpickling error."""
     path = os.path.join(out_dir, name)
-    return torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
+    if not os.path.exists(path):
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"not a checkpoint (or a truncated one): {path} ({e.__class__.__name__}); delete it to "
+                         "start afresh, or give another --out") from None
 
 
-def resume(out_dir, model, opt, probe=None):
+EXTENDING = ("epochs", "save_every", "log_every", "workers", "max_steps", "compile", "micro_batch", "out", "resume_anyway")
+
+
+def check_resume(saved, args, path):
+    """Auto-resume only the same run: flags that change its meaning (model, size, batch, method flags, seed, data)
+    stop with the differences and the two ways out; flags that only extend it (EXTENDING) are printed."""
+    same = lambda a, b: (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
+    new = vars(args)
+    diff = [k for k in sorted(set(saved) | set(new)) if not same(saved.get(k), new.get(k))]
+    show = lambda ks: "\n".join(f"  --{k.replace('_', '-')}: {saved.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in ks)
+    if [k for k in diff if k in EXTENDING]:
+        print(f"resuming {path} with:\n" + show([k for k in diff if k in EXTENDING]), flush=True)
+    changed = [k for k in diff if k not in EXTENDING]
+    if changed and not new.get("resume_anyway"):
+        raise SystemExit(f"{path} belongs to a run with other settings:\n{show(changed[:12])}\nGive a new --out for "
+                         "this run, or --resume-anyway to continue the old run with these flags.")
+
+
+def resume(out_dir, model, opt, probe=None, args=None, total=None):
     """Auto-resume from out_dir/checkpoint.pt if any: weights, optimiser, RNG (and the online probe's head and
-    optimiser if both have one). Returns the step to go on from (0: none)."""
-    ckpt = load_checkpoint(out_dir)
+    optimiser if both have one), after check_resume on `args`. Returns the step to go on from (0: none); a run
+    already at `total` says so (and trains nothing, so nothing is written)."""
+    ckpt, path = load_checkpoint(out_dir), os.path.join(out_dir, "checkpoint.pt")
     if ckpt is None:
         return 0
+    if ckpt.get("method", type(model).__name__) != type(model).__name__:
+        raise SystemExit(f"{path} was written by {ckpt['method']} pretraining (--model {ckpt['args'].get('model')}), not "
+                         f"{type(model).__name__}: give another --out")
+    if args is not None:
+        check_resume(ckpt["args"], args, path)
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     if probe is not None and ckpt.get("probe"):
         probe.load_state_dict(ckpt["probe"])
     set_rng_state(ckpt["rng"], ckpt["step"])
+    if total is not None and ckpt["step"] >= total:
+        print(f"{path}: already finished at step {ckpt['step']} of {total}; nothing to do", flush=True)
     return ckpt["step"]
 
 
@@ -429,7 +504,8 @@ def save_run(out_dir, model, opt, step, args, probe=None):
     """Pretraining checkpoint (rank 0): model, its encoder alone (what probes load), optimiser, step, RNG, vars(args),
     and the online probe's state (None without one)."""
     return save_checkpoint(dict(model=model.state_dict(), encoder=model.encoder.state_dict(), optimizer=opt.state_dict(),
-                                step=step, rng=rng_state(), args=vars(args), probe=probe and probe.state_dict()), out_dir)
+                                step=step, rng=rng_state(), args=vars(args), probe=probe and probe.state_dict(),
+                                method=type(model).__name__), out_dir)
 
 
 def log_json(path, record):
@@ -444,6 +520,38 @@ def run_info(args, device):
     return dict(args=vars(args), torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                 git=git, time=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with "(default: X)" only where X is a value; a None default is resolved later and its help says so."""
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+POSITIVE = ("batch_size", "micro_batch", "epochs", "log_every", "save_every", "max_steps", "wps", "mask_patch",
+            "ref_batch", "knn_k", "decoder_dim", "decoder_depth", "decoder_heads", "head_hidden", "hog_bins", "hog_cell", "lr")
+NON_NEGATIVE = ("workers", "warmup_epochs", "weight_decay", "min_lr", "warmup_lr", "clip_grad", "drop_path", "hog_window")
+
+
+def check_flags(parser, args):
+    """The numeric flags the scripts share, checked in one place by every parse_args before any data or model work
+    (0 or a negative value never reaches a division or an optimiser)."""
+    for k, v in vars(args).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and (k in POSITIVE and v <= 0 or k in NON_NEGATIVE and v < 0):
+            parser.error(f"--{k.replace('_', '-')} must be {'positive' if k in POSITIVE else '>= 0'} (got {v})")
+
+
+def eta(steps_left, seconds_per_step):
+    """Remaining time as text, e.g. '1h02m', from the recent seconds per step."""
+    m = int(steps_left * seconds_per_step // 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{int(steps_left * seconds_per_step) % 60:02d}s"
+
+
+def summary(out_dir, step, total, seconds):
+    """The closing lines of a run (rank 0)."""
+    print(f"{'finished' if step >= total else 'stopped'} at step {step} of {total} after {eta(1, seconds)}; the last "
+          f"line above has the final losses; checkpoint {os.path.join(out_dir, 'checkpoint.pt')}, log "
+          f"{os.path.join(out_dir, 'log.jsonl')}, figures {out_dir}/*.png", flush=True)
 
 
 def report(record, out_dir):

@@ -147,7 +147,8 @@ def evaluate(model, dl, device):
 def train(args):
     rank, world, device = data.setup(args.seed)
     cuda = device.type == "cuda"
-    train_ds, val_ds = data.dataset(args.data, "train", labelled=True), data.dataset(args.data, "val", labelled=True)
+    train_ds = data.dataset(args.data, "train", labelled=True)
+    val_ds = data.dataset(args.data, "val", labelled=True, classes=train_ds.classes)  # one class map: train's
     K = len(train_ds.classes)
     model = build(args, K).to(device)
     micro, accum = data.batch_split(args.batch_size, world, args.micro_batch)
@@ -164,7 +165,8 @@ def train(args):
     os.makedirs(args.out, exist_ok=True)
     ck = data.load_checkpoint(args.out)
     step, best = (0, 0.0) if ck is None else (ck["step"], ck["best"])
-    if ck is not None:  # auto-resume: weights, optimiser, RNG, best
+    if ck is not None:  # auto-resume: weights, optimiser, RNG, best, once the flags are the same run's
+        data.check_resume(ck["args"], args, os.path.join(args.out, "checkpoint.pt"))
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         data.set_rng_state(ck["rng"], step)
@@ -276,11 +278,12 @@ def parse_args(argv=None):
     a("--std", type=float, nargs="+")
     a("--out", default="runs/finetune", help="output folder: log.jsonl, checkpoint.pt (auto-resumed)")
     a("--workers", type=int, help="loader processes per GPU (default 8; demo 1)")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="seeds the head, every crop, mix and batch order")
     a("--log-every", type=int, default=20)
     a("--save-every", type=int, default=1000)
     a("--max-steps", type=int, help="stop after this many optimiser steps in this invocation")
     a("--compile", action="store_true")
+    a("--resume-anyway", action="store_true", help="resume --out's checkpoint even though flags that change the run differ")
     args = p.parse_args(argv)
     args.preset = args.data is not None
     args.model = args.model or ("vit_b" if args.data else "vit_demo")
@@ -295,6 +298,7 @@ def parse_args(argv=None):
             if v is None:
                 p.error(f"--protocol {args.protocol} gives no --{k.replace('_', '-')} for {args.model}: pass it")
             setattr(args, k, v)
+    data.check_flags(p, args)
     args.img_size = data.image_size(args.img_size)
     try:
         args.mean, args.std = data.channel_stats(args.in_chans, args.mean, args.std)

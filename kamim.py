@@ -190,7 +190,7 @@ def train(args):
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
     os.makedirs(args.out, exist_ok=True)
-    step = data.resume(args.out, model, opt, probe)  # auto-resume: weights, optimiser, step, RNG
+    step = data.resume(args.out, model, opt, probe, args, total)  # auto-resume: weights, optimiser, step, RNG
     if rank == 0:
         print("args:", "  ".join(f"{k}={v}" for k, v in vars(args).items()))
         print(f"world {world}  global batch {args.batch_size} = {micro} x {accum} accumulation x {world} processes  "
@@ -204,6 +204,7 @@ def train(args):
     flops = train_flops(model)
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
     sums, n_log, t0, last, done = {}, 0, time.time(), None, 0
+    t_run = t0
     model.train()
     for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start=step):
         lr_now = (data.timm_cosine if args.lr_curve == "timm" else data.cosine)(step, total, warmup, lr, min_lr, warmup_lr)
@@ -224,14 +225,14 @@ def train(args):
         opt.step()
         opt.zero_grad(set_to_none=True)
         step, n_log, done, last = step + 1, n_log + 1, done + 1, batch
-        if step % args.log_every == 0 or step == total or done == args.max_steps:
+        if step % args.log_every == 0 or step % per_epoch == 0 or step == total or done == args.max_steps:
             vals = {k: v.item() / n_log for k, v in sums.items()}  # one sync per log line
             data.check_finite(sum(vals.values()), step, args.out)  # any term nan / inf makes the sum so
             dt = time.time() - t0
             ips = n_log * args.batch_size / dt
             if rank == 0:
                 data.report(dict(epoch=epoch, step=step, **vals, **({"probe_top1": probe.top1()} if probe else {}),
-                                 lr=lr_now, img_s=ips, tflops=ips * flops / 1e12,
+                                 lr=lr_now, img_s=ips, tflops=ips * flops / 1e12, eta=data.eta(total - step, dt / n_log), **data.skipped(ds),
                                  mfu=vit.mfu(ips * flops / world, device)), args.out)
             sums, n_log, t0 = {}, 0, time.time()
         end_of_epoch = step % per_epoch == 0
@@ -245,6 +246,8 @@ def train(args):
             save_figure(model, last, os.path.join(args.out, f"epoch{epoch:03d}.png"), args.mean, args.std)
         if done == args.max_steps:
             break
+    if rank == 0:
+        data.summary(args.out, step, total, time.time() - t_run)
     if world > 1:
         torch.distributed.destroy_process_group()
     return model
@@ -297,12 +300,14 @@ def parse_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the model")
     a("--online-probe", action=argparse.BooleanOptionalAction, help="BN + linear probe on the detached encoder "
       "(logs probe_top1; never changes pretraining); default on when the data has class folders and in the demo")
+    a("--resume-anyway", action="store_true", help="resume --out's checkpoint even though flags that change the run differ")
     args = p.parse_args(argv)
     paper, demo = dict(model="vit_b", img_size=192, batch_size=2048, epochs=100, warmup_epochs=10, wps=8, mask_patch=32, workers=8), \
         dict(model="vit_demo", img_size=96, batch_size=128, epochs=6, warmup_epochs=1, wps=4, mask_patch=16, workers=1)
     for k, v in (paper if args.data else demo).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    data.check_flags(p, args)
     patch, args.img_size = vit.CONFIGS[args.model]["patch_size"], data.image_size(args.img_size)
     try:
         args.mean, args.std = data.channel_stats(args.in_chans, args.mean, args.std)

@@ -249,7 +249,7 @@ def train(args):
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
     os.makedirs(args.out, exist_ok=True)
-    step = data.resume(args.out, model, opt, probe)  # auto-resume: weights (teacher and heads included), optimiser, step, RNG
+    step = data.resume(args.out, model, opt, probe, args, total)  # auto-resume: weights (teacher and heads included), optimiser, step, RNG
     if rank == 0:
         print("args:", "  ".join(f"{k}={v}" for k, v in vars(args).items()))
         print(f"world {world}  global batch {args.batch_size} = {micro} x {accum} accumulation x {world} processes  "
@@ -269,6 +269,7 @@ def train(args):
     flops = train_flops(model)
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
     sums, n_log, t0, last, done = {}, 0, time.time(), None, 0
+    t_run = t0
     net.train()
     for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start=step):
         lr_now = data.cosine(step, total, warmup, lr)
@@ -293,7 +294,7 @@ def train(args):
         if args.alpha > 0:  # EMA after the optimiser step, once per step
             model.update_teacher(momentum)
         step, n_log, done, last = step + 1, n_log + 1, done + 1, views[0]
-        if step % args.log_every == 0 or step == total or done == args.max_steps:
+        if step % args.log_every == 0 or step % per_epoch == 0 or step == total or done == args.max_steps:
             vals = {k: v.item() / n_log for k, v in sums.items()}  # one sync per log line
             data.check_finite(sum(vals.values()), step, args.out)  # any term nan / inf makes the sum so
             dt = time.time() - t0
@@ -301,6 +302,7 @@ def train(args):
             if rank == 0:
                 data.report(dict(epoch=epoch, step=step, loss=vals["mim"] + args.alpha * vals.get("bc", 0.0), **vals, lr=lr_now,
                                  **({"ema": momentum} if args.alpha > 0 else {}), **({"probe_top1": probe.top1()} if probe else {}), img_s=ips, tflops=ips * flops / 1e12,
+                                 eta=data.eta(total - step, dt / n_log), **data.skipped(ds),
                                  mfu=vit.mfu(ips * flops / world, device)), args.out)
             sums, n_log, t0 = {}, 0, time.time()
         end_of_epoch = step % per_epoch == 0
@@ -314,13 +316,15 @@ def train(args):
             save_figure(model, last[:8], os.path.join(args.out, f"epoch{epoch:03d}.png"), args.mean, args.std)
         if done == args.max_steps:
             break
+    if rank == 0:
+        data.summary(args.out, step, total, time.time() - t_run)
     if world > 1:
         torch.distributed.destroy_process_group()
     return model
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter)
     a = p.add_argument
     a("--data", default=None, help="ImageNet folder (PATH/train/...) or a folder of images; absent = the built-in demo "
       "(DemoShapes) with vit_demo at 64 px (patch 8), a 128-wide 2-block decoder, batch 64, 6 epochs (1 warmup), 1 worker")
@@ -363,13 +367,14 @@ def parse_args(argv=None):
       "--alpha 0 is MAE's rrc (0.2, 1)")
     a("--out", default="runs/lut", help="output folder: log.jsonl, checkpoint.pt (auto-resumed), figures")
     a("--workers", type=int, default=None, help="data-loader processes per GPU (default 8; demo 1)")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="every crop, mask and batch order follows from (seed, epoch, index)")
     a("--log-every", type=int, default=20, help="optimiser steps per log line")
     a("--save-every", type=int, default=1000, help="optimiser steps per checkpoint (also at each epoch end)")
     a("--max-steps", type=int, default=None, help="stop after this many optimiser steps in this invocation")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--online-probe", action=argparse.BooleanOptionalAction, help="BN + linear probe on the detached encoder "
       "(logs probe_top1; never changes pretraining); default on when the data has class folders and in the demo")
+    a("--resume-anyway", action="store_true", help="resume --out's checkpoint even though flags that change the run differ")
     args = p.parse_args(argv)
     paper = dict(model="vit_b", img_size=224, batch_size=4096, epochs=1600, warmup_epochs=40, decoder_dim=512,
                  decoder_depth=8, decoder_heads=16, workers=8)
@@ -378,6 +383,7 @@ def parse_args(argv=None):
     for k, v in (paper if args.data else demo).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    data.check_flags(p, args)
     args.alpha = (1.0 if args.model == "vit_s" else 0.25) if args.alpha is None else args.alpha  # §5.1
     args.crop = args.crop or ("src" if args.alpha > 0 else "rrc")
     if not 0 < args.mask_ratio < 1:

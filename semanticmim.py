@@ -271,7 +271,7 @@ def train(args):
               f"{flops / 1e9:.3g} GFLOP per training image")
     opt = torch.optim.AdamW(vit.param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8,
                             fused=device.type == "cuda")
-    start = data.resume(args.out, model, opt, probe)  # auto-resume: weights, optimiser, step and RNG
+    start = data.resume(args.out, model, opt, probe, args, total)  # auto-resume: weights, optimiser, step and RNG
     if rank == 0 and start:
         print(f"resumed from {args.out}/checkpoint.pt at step {start}")
     elif rank == 0:
@@ -280,6 +280,7 @@ def train(args):
     ddp = DDP(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 else net
     fig_img = torch.stack([data.center_crop(args.img_size, args.mean, args.std)(ds.base[i][0]) for i in range(4)]).to(device)
     running, n_log, t0 = torch.zeros((), device=device), 0, time.time()
+    t_run, done = t0, start
     for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start):
         for g in opt.param_groups:
             g["lr"] = data.cosine(step, total, warmup, lr, args.min_lr)
@@ -300,7 +301,7 @@ def train(args):
         n_log += 1
         done = step + 1
         stop = args.max_steps and done == start + args.max_steps
-        if done % args.log_every == 0 or done == total:
+        if done % args.log_every == 0 or done % per_epoch == 0 or done == total or stop:
             avg = running / n_log
             if world > 1:
                 torch.distributed.all_reduce(avg)
@@ -312,7 +313,8 @@ def train(args):
             if rank == 0:
                 data.report(dict(epoch=epoch, step=done, **{f"loss_{args.target}": avg.item()},
                                  **({"probe_top1": probe.top1()} if probe else {}), lr=opt.param_groups[0]["lr"],
-                                 img_s=ips, tflop_s=flops * ips / 1e12, mfu=mfu), args.out)
+                                 img_s=ips, tflop_s=flops * ips / 1e12, mfu=mfu, eta=data.eta(total - done, dt / n_log),
+                                 **data.skipped(ds)), args.out)
             running, n_log, t0 = torch.zeros((), device=device), 0, time.time()
         if done % args.save_every == 0 or done % per_epoch == 0 or done == total or stop:
             data.check_finite(running, done, args.out)  # never overwrite the last good one
@@ -324,13 +326,15 @@ def train(args):
             save_figure(model, os.path.join(args.out, f"proxy_attention_epoch{epoch:03d}.png"), fig_img, args.mean, args.std)
         if stop:
             break
+    if rank == 0:
+        data.summary(args.out, done, total, time.time() - t_run)
     if world > 1:
         torch.distributed.destroy_process_group()
     return model
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=data.HelpFormatter,
                                 epilog="Without --data: the demo (DemoShapes, --model vit_demo, --img-size 64, --batch-size 64, "
                                        "--epochs 5, --warmup-epochs 1); every other default is the paper's (App. E, Table 2, MaskFeat column).")
     a = p.add_argument
@@ -359,20 +363,22 @@ def parse_args(argv=None):
     a("--hog-cell", type=int, default=8, help="HOG cell size in pixels (MaskFeat: 8, i.e. 2 x 2 cells per 16 px patch)")
     a("--hog-window", type=int, default=0, help="Gaussian window over the HOG magnitudes; 0 = none (SlowFast's MaskFeat default, the released code; the paper: none said)")
     a("--out", default="runs/semanticmim", help="output folder: log.jsonl, checkpoint.pt (auto-resumed), figures")
-    a("--workers", type=int, default=8, help="data-loader workers per process")
-    a("--seed", type=int, default=0)
+    a("--workers", type=int, default=None, help="data-loader workers per process (default 8; demo 1)")
+    a("--seed", type=int, default=0, help="every crop, mask and batch order follows from (seed, epoch, index)")
     a("--log-every", type=int, default=50, help="optimiser steps between progress lines")
     a("--save-every", type=int, default=1000, help="optimiser steps between checkpoints (also at each epoch end)")
-    a("--max-steps", type=int, default=0, help="stop after this many optimiser steps in this invocation (tests, smoke runs)")
+    a("--max-steps", type=int, default=None, help="stop after this many optimiser steps in this invocation (tests, smoke runs)")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--online-probe", action=argparse.BooleanOptionalAction, help="BN + linear probe on the detached encoder "
       "(logs probe_top1; never changes pretraining); default on when the data has class folders and in the demo")
+    a("--resume-anyway", action="store_true", help="resume --out's checkpoint even though flags that change the run differ")
     args = p.parse_args(argv)
     demo = args.data is None
     for k, paper, small in (("model", "vit_b", "vit_demo"), ("img_size", 224, 64), ("batch_size", 2048, 64), ("epochs", 300, 5),
-                             ("warmup_epochs", 30, 1)):
+                             ("warmup_epochs", 30, 1), ("workers", 8, 1)):
         if getattr(args, k) is None:
             setattr(args, k, small if demo else paper)
+    data.check_flags(p, args)
     if args.mask_ratio is None:
         args.mask_ratio = 0.6 if args.proxies else 0.4
     cfg, args.img_size = vit.CONFIGS[args.model], data.image_size(args.img_size)
@@ -391,9 +397,6 @@ def parse_args(argv=None):
         p.error(f"--hog-cell {args.hog_cell} must divide the patch size {cfg['patch_size']}")
     if args.hog_window and any(s % args.hog_window for s in args.img_size):
         p.error(f"--hog-window {args.hog_window} must divide --img-size {args.img_size}")
-    for k in ("batch_size", "micro_batch", "epochs", "log_every", "save_every", "hog_bins"):
-        if getattr(args, k) <= 0:
-            p.error(f"--{k.replace('_', '-')} must be positive")
     if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
         p.error(f"--warmup-epochs {args.warmup_epochs} must lie in [0, --epochs {args.epochs}]")
     return args

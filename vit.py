@@ -134,9 +134,7 @@ class ViT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # MAE: as a Linear, not a conv
         nn.init.trunc_normal_(self.cls_token, std=0.02)  # each prefix token drawn independently
 
-    @property
-    def num_prefix(self):
-        return self.cls_token.shape[1]
+    num_prefix = property(lambda self: self.cls_token.shape[1])  # P
 
     def embed(self, img):
         """(B, C, H, W) -> (B, N, D) patch embeddings, row-major over the H x W grid; no position."""
@@ -170,8 +168,7 @@ class ViT(nn.Module):
 def init_weights(m):
     if isinstance(m, nn.Linear):  # MAE / timm: xavier-uniform linears, zero bias
         nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
+        m.bias is None or nn.init.zeros_(m.bias)
     elif isinstance(m, (nn.LayerNorm, nn.BatchNorm1d)) and m.weight is not None:
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
@@ -233,7 +230,7 @@ PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 9
 
 def mfu(flops_per_second, device):
     """Model FLOPs utilisation against the GPU's dense bf16 peak (first name match); None on CPU or another GPU."""
-    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else ""
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
     return None if peak is None else flops_per_second / peak
 
@@ -244,8 +241,11 @@ def read_state_dict(path):
     """torch.load with weights_only=True; MAE's and DINO's checkpoints also pickle an argparse.Namespace."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a text file, random bytes, a truncated copy: not torch's raw unpickling advice
+        raise ValueError(f"not a checkpoint: {path} ({e.__class__.__name__})") from None
     key = next((k for k in ("encoder", "model", "state_dict", "teacher")  # ours, MAE / DeiT, generic, DINO
                 if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict)), None)
     return ckpt if key is None else ckpt[key]

@@ -128,7 +128,7 @@ def test_bad_input_fails_before_data(tmp_path, monkeypatch):
 
 
 def small_demo(monkeypatch, n_train=96, n_val=48):
-    monkeypatch.setattr(data, "dataset", lambda d, split, labelled=False: data.DemoShapes(split, n_train if split == "train" else n_val))
+    monkeypatch.setattr(data, "dataset", lambda d, split, labelled=False, classes=None: data.DemoShapes(split, n_train if split == "train" else n_val))
 
 
 def test_protocol_transforms():

@@ -92,7 +92,7 @@ def write_messy_folder(root):
 
 def test_image_folder_survives_messy_data(tmp_path):
     write_messy_folder(tmp_path)
-    ds = data.dataset(str(tmp_path), "train", labelled=True)
+    ds = data.ImageFiles(str(tmp_path / "train"), labelled=True)
     assert ds.classes == ["a", "b"] and len(ds) == 6  # the .txt is not listed
     items = [ds[i] for i in range(len(ds))]
     assert all(img.mode == "RGB" for img, _ in items) and sorted({l for _, l in items}) == [0, 1]
@@ -106,6 +106,7 @@ def test_folder_errors(tmp_path):
     with pytest.raises(ValueError, match="no images"):
         data.dataset(str(tmp_path / "empty"), "train")
     (tmp_path / "flat" / "val").mkdir(parents=True)
+    (tmp_path / "flat" / "train" / "c").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "val" / "x.JPEG")
     with pytest.raises(ValueError, match="flat"):
         data.dataset(str(tmp_path / "flat"), "val", labelled=True)
@@ -218,7 +219,7 @@ def test_save_run_resume_check_finite(tmp_path):
     assert data.resume(out, Net(), opt) == 0  # nothing to resume: step 0, nothing touched
     data.save_run(out, net, opt, 7, argparse.Namespace(lr=1e-3))
     ck = data.load_checkpoint(out)
-    assert set(ck) == {"model", "encoder", "optimizer", "step", "rng", "args", "probe"} and ck["args"] == {"lr": 1e-3}
+    assert set(ck) == {"model", "encoder", "optimizer", "step", "rng", "args", "probe", "method"} and ck["args"] == {"lr": 1e-3}
     assert set(ck["encoder"]) == {"weight", "bias"} and ck["step"] == 7
     expected = torch.rand(3)  # what the RNG gives right after the save
     net2 = Net()

@@ -1,4 +1,4 @@
-"""SimMIM and KAMIM pretraining (Keypoint Aware Masked Image Modelling, kamim.txt §3, §4.1).
+"""SimMIM and KAMIM pretraining (Krishna & Subramanyam, "Keypoint Aware Masked Image Modelling", §3, §4.1).
 
 SimMIM (eq. 1): the encoder sees every patch, masked patches' embeddings replaced by a learnable
 [MASK] token; a 1x1 conv + PixelShuffle head regresses the normalised pixels; l1 on masked pixels.

@@ -1,4 +1,4 @@
-"""SemanticMIM: masked image modelling through a few [PROXY] tokens (semanticmim.txt §3.3, App. C, App. E).
+"""SemanticMIM ("SemanticMIM: marrying masked image modeling with semantics compression", §3.3, App. C, App. E).
 
 The vanilla MIM encoder (eq. 2) runs [IMG] and [MASK] tokens in one sequence, so a [MASK] token can copy
 its neighbours. SemanticMIM cuts that path: in every layer the [IMG] tokens and L1 position-free [PROXY]

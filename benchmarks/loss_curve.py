@@ -1,6 +1,6 @@
 """A run's loss curve from its log.jsonl, as CSV and PNG ("is my loss curve normal?").
 
-    python benchmarks/loss_curve.py runs/kamim/log.jsonl benchmarks/results/kamim_demo_loss
+    python benchmarks/loss_curve.py runs/kamim/log.jsonl runs/kamim/loss        # your run's curve, beside its log
 
 writes PREFIX.csv (step and every logged loss term) and PREFIX.png (one line per term, each scaled
 to its own range, so terms of different size share one plot).
@@ -22,7 +22,7 @@ def read_log(path):
     if not recs:
         raise SystemExit(f"{path} holds no progress records")
     evals = [r for r in recs if "top1" in r]  # finetune.py / abmilp_probe.py: val top-1 records, logged apart
-    recs = [r for r in recs if "top1" not in r] or recs
+    recs = [r for r in recs if "top1" not in r and "probe_val_top1" not in r] or recs  # the online probe's held-out lines too
     terms = [k for k in recs[0] if k.startswith("loss") or k in ("mim", "bc", "l1")]
     curves = {k: [r[k] for r in recs] for k in terms}
     if evals:  # the latest val top-1 at or before each logged step (nan before the first evaluation)

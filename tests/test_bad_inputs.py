@@ -188,3 +188,21 @@ def test_probe_out_follows_the_checkpoint(tmp_path):
 
 def test_eta_text():
     assert data.eta(90, 1.0) == "1m30s" and data.eta(7200, 1.0) == "2h00m" and data.eta(0, 5.0) == "0m00s"
+
+
+@pytest.mark.parametrize("run", [
+    lambda out: abmilp_probe.main(["--pool", "knn", "--img-size", "32", "--out", out]),
+    lambda out: abmilp_probe.main(["--pool", "avg", "--img-size", "32", "--epochs", "1", "--warmup-epochs", "0",
+                                   "--batch-size", "8", "--out", out]),
+    lambda out: finetune.main(["--img-size", "32", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8",
+                               "--workers", "0", "--out", out]),
+])
+def test_val_is_numbered_by_trains_class_map(tmp_path, monkeypatch, run):
+    calls = []
+
+    def demo(d, split, labelled=False, classes=None):
+        calls.append((split, classes))
+        return data.DemoShapes(split, 8)
+    monkeypatch.setattr(data, "dataset", demo)
+    run(str(tmp_path))
+    assert ("val", data.DemoShapes.classes) in calls and ("val", None) not in calls

@@ -52,3 +52,54 @@ def test_lut_two_view_keep_sets_disjoint_quarters(monkeypatch, one_thread):
     for a, b, mk in zip(k1.tolist(), k2.tolist(), mask):
         assert len(set(a)) == len(set(b)) == N // 4 and not set(a) & set(b)
         assert set(a) == set(torch.nonzero(mk == 0).flatten().tolist())  # view 1 keeps exactly the unmasked patches
+
+
+def semanticmim_setup():
+    import semanticmim as S
+    torch.manual_seed(0)
+    model = S.SemanticMIM("vit_demo", 32, proxies=2, mask_ratio=0.5).eval()  # 4 x 4 patches of 8 px, 8 masked
+    g = torch.Generator().manual_seed(1)
+    img = torch.randn(2, 3, 32, 32, generator=g)
+    mask = torch.stack([S.random_patch_mask(16, model.n_mask) for _ in range(2)])  # (B, N) True = masked
+    pix = mask.view(2, 1, 4, 1, 4, 1).expand(2, 3, 4, 8, 4, 8).reshape(2, 3, 32, 32)  # per pixel: in a masked patch
+    return S, model, img, mask, pix, torch.randn(img.shape, generator=g)
+
+
+def predictions(model, img, mask):
+    h, m, ids = model.tokens(img, mask)
+    return h, model.head(model.encoder.norm(m)), ids  # the [MASK] predictions that the loss scores
+
+
+def test_semanticmim_masked_pixels_never_enter_the_encoder(one_thread):
+    """Perturbing the masked patches' pixels leaves [PROXY, IMG] and every [MASK] prediction unchanged; perturbing
+    the visible ones changes the predictions (so the first check is not vacuous)."""
+    S, model, img, mask, pix, noise = semanticmim_setup()
+    with torch.no_grad():
+        h, pred, ids = predictions(model, img, mask)
+        h2, pred2, ids2 = predictions(model, img + noise * pix, mask)
+        assert torch.equal(ids, ids2) and torch.allclose(h, h2, atol=1e-6, rtol=0)
+        assert torch.allclose(pred, pred2, atol=1e-6, rtol=0)
+        assert not torch.allclose(pred, predictions(model, img + noise * ~pix, mask)[1], atol=1e-3)
+
+
+def test_semanticmim_image_tokens_reach_mask_only_through_proxies(monkeypatch, one_thread):
+    """eq. 3-4 on the whole model: with the proxies' outputs held fixed at every layer (constants), the [MASK]
+    predictions no longer depend on the visible pixels: no [IMG] token is in the cross-attention's keys / values."""
+    S, model, img, mask, pix, noise = semanticmim_setup()
+    P, layer, fixed = model.proxies, S.semanticmim_layer, {}
+
+    def held(block, cross, h, m, n_proxy):
+        def blk(x):
+            y = block(x)
+            c = fixed.setdefault(id(block), torch.randn(1, P, y.shape[-1]).expand(y.shape[0], -1, -1))
+            return torch.cat([c, y[:, P:]], 1)  # the proxies' outputs replaced by constants, [IMG] kept
+        return layer(blk, cross, h, m, n_proxy)
+
+    with torch.no_grad():
+        moved = not torch.allclose(predictions(model, img, mask)[1], predictions(model, img + noise * ~pix, mask)[1], atol=1e-3)
+        assert moved  # normally, visible pixels do reach [MASK] (through the proxies)
+        monkeypatch.setattr(S, "semanticmim_layer", held)
+        _, pred, _ = predictions(model, img, mask)
+        _, pred2, _ = predictions(model, img + noise * ~pix, mask)
+        assert len(fixed) == len(model.encoder.blocks)  # every layer went through the hook
+        assert torch.allclose(pred, pred2, atol=1e-6, rtol=0)

@@ -5,6 +5,9 @@
   (as stored in the search index at commit 02bd876, where the body sits in `randmask`), on seeded noise.
 - kamim_per_patch_importance.json: madhava20217/KAMIM, utils (the file holding per_patch_importance and
   ModifiedPixelShuffle), per_patch_importance, on a seeded binary keypoint map.
+- timm_vit_tiny.pt: a tiny timm VisionTransformer (needs the `timm` package, made with timm 1.0.31: e.g.
+  `pip install --target /tmp/timmpkg --no-deps timm huggingface_hub safetensors pyyaml` and PYTHONPATH=/tmp/timmpkg;
+  skipped with a message without it): its state dict, a seeded input and forward_features' output.
 """
 import json
 import os
@@ -58,6 +61,21 @@ def main():
         F = (torch.rand(2, 1, 16, 16, generator=g) < density).float()  # keypoint map, 1 at a keypoint
         cases.append(dict(patch=p, T=T, F=F.long().tolist(), W=per_patch_importance(F, p, T).tolist()))
     json.dump(cases, open(os.path.join(HERE, "kamim_per_patch_importance.json"), "w"))
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:
+        print("timm not installed: timm_vit_tiny.pt not rewritten")
+        return
+    cfg = dict(img_size=8, patch_size=4, embed_dim=8, depth=2, num_heads=2)
+    torch.manual_seed(0)
+    m = VisionTransformer(**cfg, num_classes=0).eval()
+    with torch.no_grad():  # timm initialises biases / LN to 0 / 1: move them so every key matters
+        for v in m.parameters():
+            v.add_(0.1 * torch.randn(v.shape))
+    img = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        out = m.forward_features(img)  # (B, 1 + N, D) after the final LayerNorm
+    torch.save(dict(config=cfg, state=m.state_dict(), img=img, out=out), os.path.join(HERE, "timm_vit_tiny.pt"))
 
 
 if __name__ == "__main__":

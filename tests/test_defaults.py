@@ -227,3 +227,12 @@ def test_kamim_demo_lr_only_without_data():
     demo, paper = kamim.parse_args([]), kamim.parse_args(["--data", "/nonexistent"])
     assert demo.lr * demo.batch_size / kamim.REF_BATCH == pytest.approx(2e-3) and paper.lr == 8e-4
     assert kamim.parse_args(["--lr", "1e-3"]).lr == 1e-3
+
+
+def test_lut_semanticmim_demo_lr_only_without_data():
+    # issue 16 item 3: demo lr 1e-3 at the demo's batch 64 for both; the paper's lr whenever --data is given
+    d, p = lut.parse_args([]), lut.parse_args(["--data", "/nonexistent"])
+    assert lut.scaled_lr(d.lr, d.batch_size) == pytest.approx(1e-3) and p.lr == 1.5e-4
+    d, p = semanticmim.parse_args([]), semanticmim.parse_args(["--data", "/nonexistent"])
+    assert d.lr * d.batch_size / semanticmim.REF_BATCH == pytest.approx(1e-3) and p.lr == 1.6e-3
+    assert semanticmim.parse_args(["--lr", "1e-4"]).lr == 1e-4 and lut.parse_args(["--lr", "1e-4"]).lr == 1e-4

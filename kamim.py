@@ -258,7 +258,7 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--data", default=None, help="ImageNet folder (PATH/train/...) or a folder of images; absent = the built-in "
       "demo (DemoShapes) with vit_demo at 96 px, mask patch 16, wps 4 (the paper's 12x12 token / 6x6 mask-cell / "
-      "24x24 weight geometry at half scale), batch 128, 6 epochs (1 warmup)")
+      "24x24 weight geometry at half scale), batch 128, 6 epochs (1 warmup), demo lr 3.2e-2 (2e-3 at batch 128)")
     a("--model", default=None, choices=list(vit.CONFIGS), help="encoder; the paper: vit_t / vit_s / vit_b (default vit_b)")
     a("--img-size", type=data.image_size, default=None, help="crop size; §4.1: 192; HxW (e.g. 192x256) for a non-square one")
     a("--in-chans", type=int, default=3, choices=[1, 3], help="image channels: 3 (RGB) or 1 (images read as grayscale)")
@@ -266,7 +266,8 @@ def parse_args(argv=None):
     a("--std", type=float, nargs="+", help="per-channel normalisation std (default ImageNet's; one channel: its average)")
     a("--batch-size", type=int, default=None, help="GLOBAL batch; released code: 2048 (the paper gives none)")
     a("--micro-batch", type=int, default=None, help="most images per GPU per forward; accumulation reaches --batch-size")
-    a("--lr", type=float, default=8e-4, help="peak lr at batch 2048 (§4.1: 8e-4), scaled linearly to --batch-size")
+    a("--lr", type=float, default=None, help="peak lr at batch 2048 (§4.1: 8e-4; demo 3.2e-2, i.e. 2e-3 at its batch "
+      "128, so that 72 CPU steps visibly learn), scaled linearly to --batch-size")
     a("--warmup-lr", type=float, default=1e-6, help="lr the warmup starts from at batch 2048 (released code), scaled like --lr")
     a("--min-lr", type=float, default=1e-5, help="the cosine's floor at batch 2048 (released code), scaled like --lr")
     a("--lr-curve", default="timm", choices=["timm", "fresh"], help="timm (default, released code: timm's "
@@ -302,8 +303,9 @@ def parse_args(argv=None):
       "(logs probe_top1; never changes pretraining); default on when the data has class folders and in the demo")
     a("--resume-anyway", action="store_true", help="resume --out's checkpoint even though flags that change the run differ")
     args = p.parse_args(argv)
-    paper, demo = dict(model="vit_b", img_size=192, batch_size=2048, epochs=100, warmup_epochs=10, wps=8, mask_patch=32, workers=8), \
-        dict(model="vit_demo", img_size=96, batch_size=128, epochs=6, warmup_epochs=1, wps=4, mask_patch=16, workers=1)
+    paper, demo = dict(model="vit_b", img_size=192, batch_size=2048, epochs=100, warmup_epochs=10, wps=8, mask_patch=32, workers=8,
+                       lr=8e-4), dict(model="vit_demo", img_size=96, batch_size=128, epochs=6, warmup_epochs=1, wps=4,
+                                      mask_patch=16, workers=1, lr=3.2e-2)  # demo lr: 2e-3 at 128 (the paper's 5e-5 barely moves)
     for k, v in (paper if args.data else demo).items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -336,7 +336,7 @@ def train(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=data.HelpFormatter,
                                 epilog="Without --data: the demo (DemoShapes, --model vit_demo, --img-size 64, --batch-size 64, "
-                                       "--epochs 5, --warmup-epochs 1); every other default is the paper's (App. E, Table 2, MaskFeat column).")
+                                       "--epochs 5, --warmup-epochs 1, demo --lr 3.2e-2); every other default is the paper's (App. E, Table 2, MaskFeat column).")
     a = p.add_argument
     a("--data", default=None, help="ImageNet folder (PATH/train/...) or a folder of images; absent: the built-in demo")
     a("--model", default=None, choices=list(vit.CONFIGS), help="ViT size; the paper: vit_b (§4.1). Default vit_b, vit_demo for the demo")
@@ -347,7 +347,8 @@ def parse_args(argv=None):
     a("--std", type=float, nargs="+", help="per-channel normalisation std (default ImageNet's; one channel: its average)")
     a("--batch-size", type=int, default=None, help="GLOBAL batch over all GPUs and accumulation; Table 2: 2048 (64 for the demo)")
     a("--micro-batch", type=int, default=128, help="largest per-GPU batch; accumulation makes up the rest")
-    a("--lr", type=float, default=1.6e-3, help="peak lr at batch 2048 (Table 2, MaskFeat; BEiT: 1.5e-3), scaled linearly to --batch-size")
+    a("--lr", type=float, default=None, help="peak lr at batch 2048 (Table 2, MaskFeat; BEiT: 1.5e-3; demo 3.2e-2, "
+      "1e-3 at its batch 64), scaled linearly to --batch-size")
     a("--min-lr", type=float, default=1e-6, help="final cosine lr (Table 2: 1e-6 MaskFeat, 1e-5 BEiT)")
     a("--epochs", type=int, default=None, help="§4.1: 300 (Table 2's row is garbled); 5 for the demo")
     a("--warmup-epochs", type=int, default=None, help="linear warmup (Table 2: 30 MaskFeat, 10 BEiT); 1 for the demo")
@@ -375,7 +376,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     demo = args.data is None
     for k, paper, small in (("model", "vit_b", "vit_demo"), ("img_size", 224, 64), ("batch_size", 2048, 64), ("epochs", 300, 5),
-                             ("warmup_epochs", 30, 1), ("workers", 8, 1)):
+                             ("warmup_epochs", 30, 1), ("workers", 8, 1), ("lr", 1.6e-3, 3.2e-2)):
         if getattr(args, k) is None:
             setattr(args, k, small if demo else paper)
     data.check_flags(p, args)

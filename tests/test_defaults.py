@@ -219,3 +219,20 @@ def test_semanticmim_mask_tokens_carry_their_patch_positions(monkeypatch):
     assert torch.equal(mask.gather(1, ids_mask), torch.ones_like(ids_mask, dtype=torch.bool))  # they are masked patches
     ref = m.mask_token + m.encoder.pos_embed[0, ids_mask]  # (B, L2, D): [MASK] + its own patch's position
     assert torch.allclose(first[0], ref)
+
+
+def test_kamim_demo_lr_only_without_data():
+    # issue 16 item 3: the demo's own lr (2e-3 at its batch 128, so the CPU demo visibly learns); the paper's
+    # 8e-4 at batch 2048 whenever --data is given, and an explicit --lr wins in both
+    demo, paper = kamim.parse_args([]), kamim.parse_args(["--data", "/nonexistent"])
+    assert demo.lr * demo.batch_size / kamim.REF_BATCH == pytest.approx(2e-3) and paper.lr == 8e-4
+    assert kamim.parse_args(["--lr", "1e-3"]).lr == 1e-3
+
+
+def test_lut_semanticmim_demo_lr_only_without_data():
+    # issue 16 item 3: demo lr 1e-3 at the demo's batch 64 for both; the paper's lr whenever --data is given
+    d, p = lut.parse_args([]), lut.parse_args(["--data", "/nonexistent"])
+    assert lut.scaled_lr(d.lr, d.batch_size) == pytest.approx(1e-3) and p.lr == 1.5e-4
+    d, p = semanticmim.parse_args([]), semanticmim.parse_args(["--data", "/nonexistent"])
+    assert d.lr * d.batch_size / semanticmim.REF_BATCH == pytest.approx(1e-3) and p.lr == 1.6e-3
+    assert semanticmim.parse_args(["--lr", "1e-4"]).lr == 1e-4 and lut.parse_args(["--lr", "1e-4"]).lr == 1e-4

@@ -121,25 +121,7 @@ def mix_batch(num_classes, mixup, cutmix):
     return v2.RandomChoice(ops) if ops else None
 
 
-@torch.no_grad()
-def evaluate(model, dl, device):
-    """Top-1 / top-5 (%) over the whole val set, each image counted once: the DistributedSampler pads every rank to
-    the same length with repeats; position k of rank r's share is image k * world + r, so the padding is k * world + r >= n."""
-    model.eval()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    n, k = len(dl.dataset), 0
-    c = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
-    for x, y in dl:
-        x, y = x.to(device), y.to(device)
-        real = (torch.arange(k, k + len(y), device=device) * world + rank) < n
-        k += len(y)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            top = model.logits(x).topk(min(5, model.head.out_features), dim=1).indices
-        c += torch.stack([((top[:, 0] == y) & real).sum(), ((top == y[:, None]).any(1) & real).sum(), real.sum()])
-    if dist.is_initialized():
-        dist.all_reduce(c)
-    model.train()
-    return (100 * c[0] / c[2]).item(), (100 * c[1] / c[2]).item(), int(c[2])
+evaluate = abmilp_probe.evaluate  # one val loop for the probe and here: each val image counted once
 
 
 # ---- training ----

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import abmilp_probe
 import data
 import finetune
 import vit
@@ -66,13 +67,14 @@ def test_distributed_eval_counts_once(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "tests/dist_eval.py", str(tmp_path)],
                        cwd=root, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root})
     assert r.returncode == 0, r.stderr[-2000:]
-    torch.manual_seed(0)
-    model = finetune.Classifier(vit.vit("vit_demo", 64), 6)
     ds = data.Seeded(data.DemoShapes("val", size=7), data.center_crop(64))
-    single = finetune.evaluate(model, torch.utils.data.DataLoader(ds, 2), torch.device("cpu"))
-    for rank in range(2):
-        out = json.load(open(tmp_path / f"rank{rank}.json"))
-        assert out["n"] == 7 and out["top1"] == pytest.approx(single[0])
+    for name, make in [("finetune", lambda e: finetune.Classifier(e, 6)), ("probe", lambda e: abmilp_probe.Probe(e, 6, "avg"))]:
+        torch.manual_seed(0)
+        single = finetune.evaluate(make(vit.vit("vit_demo", 64)), torch.utils.data.DataLoader(ds, 2), torch.device("cpu"))
+        assert single[2] == 7
+        for rank in range(2):
+            out = json.load(open(tmp_path / f"rank{rank}.json"))[name]
+            assert out["n"] == 7 and out["top1"] == pytest.approx(single[0]), (name, rank)
 
 
 def test_step_on_kamim_checkpoint_loads_exactly_and_trains(one_thread, tmp_path):

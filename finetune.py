@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=8 finetune.py --checkpoint runs/lut/checkpoint.pt --model vit_b --data /imagenet --protocol lut
     python finetune.py                                    # CPU demo: vit_demo from scratch on DemoShapes
-    python finetune.py --checkpoint /tmp/kamim_demo/checkpoint.pt   # the demo from a KAMIM demo checkpoint
+    python finetune.py --checkpoint runs/kamim/checkpoint.pt      # the demo from `python kamim.py`'s checkpoint
 
 Presets (--protocol) set only what each paper states; every flag overrides its preset:
   lut          LUT Table D (MAE's code for what Table D leaves out: random erasing 0.25, avg pool + fc_norm)
@@ -220,7 +220,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--data", help="ImageNet folder with train/ and val/ class folders; absent: the demo (DemoShapes, vit_demo at 64 px, "
-      "batch 128, 8 epochs of 12 steps, 1 warmup, blr 1e-3 at 128, no layer decay, RandAugment off)")
+      "batch 128, 14 epochs of 12 steps, 1 warmup, blr 2e-3 at 128, and off: layer decay, RandAugment, MixUp / CutMix, drop "
+      "path, erasing (at ln 6 and chance with them on 1.5k images); the rest is --protocol's)")
     a("--checkpoint", help="encoder checkpoint (ours incl. SemanticMIM's proxies, or MAE / DeiT / DINO timm layout); "
       "absent: from scratch (the DeiT-style baseline)")
     a("--model", choices=list(vit.CONFIGS), help="encoder (default vit_b; demo vit_demo)")
@@ -271,8 +272,8 @@ def parse_args(argv=None):
     args.model = args.model or ("vit_b" if args.data else "vit_demo")
     preset = {**dict(min_lr=0.0, randaug=False, trivial=False, fc_norm=True, eval_resize="crop"), **PROTOCOLS[args.protocol]}
     if not args.data:  # the demo overrides only these (--help says which)
-        preset.update(img_size=64, batch_size=128, ref_batch=128, blr=1e-3, epochs=8, warmup_epochs=1, layer_decay=1.0,
-                      randaug=False, workers=1)
+        preset.update(img_size=64, batch_size=128, ref_batch=128, blr=2e-3, epochs=14, warmup_epochs=1, layer_decay=1.0,
+                      randaug=False, mixup=0.0, cutmix=0.0, drop_path=0.0, reprob=0.0, workers=1)  # 1.5k images: no regularisers
     preset.setdefault("workers", 8)
     for k, v in preset.items():
         if getattr(args, k) is None:

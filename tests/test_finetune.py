@@ -97,7 +97,7 @@ def test_step_on_kamim_checkpoint_loads_exactly_and_trains(one_thread, tmp_path)
 
 
 def test_bit_exact_resume(one_thread, tmp_path):
-    base = ["--workers", "0", "--batch-size", "16", "--log-every", "1"]
+    base = ["--workers", "0", "--batch-size", "16", "--log-every", "1", "--mixup", "0.8", "--cutmix", "1", "--drop-path", "0.1"]  # RNG users on
     finetune.train(finetune.parse_args(base + ["--out", str(tmp_path / "a"), "--max-steps", "2"]))
     for _ in range(2):
         finetune.train(finetune.parse_args(base + ["--out", str(tmp_path / "b"), "--max-steps", "1"]))

@@ -203,18 +203,25 @@ def cache_features(model, ds, img_size, batch, device, protocol="mae", mean=data
 
 @torch.no_grad()
 def evaluate(model, dl, device):
-    """Top-1 and top-5 (%) over the val loader. Under DDP the sampler pads the last batch with repeats."""
+    """Top-1 / top-5 (%) and the image count over the whole val set via model.logits (the probe's and finetune.py's),
+    each image counted once: the DistributedSampler pads every rank to the same length with repeats; position k of
+    rank r's share is image k * world + r, so the padding is k * world + r >= n."""
     model.eval()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    n, k = len(dl.dataset), 0
     c = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
     for x, y in dl:
         x, y = x.to(device), y.to(device)
+        real = (torch.arange(k, k + len(y), device=device) * world + rank) < n
+        k += len(y)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            top = model.logits(x).topk(min(5, model.fc.out_features), dim=1).indices  # (B, 5)
-        c += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(), torch.ones_like(y).sum()])
+            out = model.logits(x)
+        top = out.topk(min(5, out.shape[1]), dim=1).indices  # (B, 5)
+        c += torch.stack([((top[:, 0] == y) & real).sum(), ((top == y[:, None]).any(1) & real).sum(), real.sum()])
     if dist.is_initialized():
         dist.all_reduce(c)
     model.train()
-    return (100 * c[0] / c[2]).item(), (100 * c[1] / c[2]).item()
+    return (100 * c[0] / c[2]).item(), (100 * c[1] / c[2]).item(), int(c[2])
 
 
 @torch.no_grad()
@@ -334,7 +341,7 @@ def train(args, cache=None):
             break
     if result is None:  # nothing left to train (a finished run resumed): evaluate what was saved
         result = evaluate(model, val_dl, device)
-    return result
+    return result[:2]  # (top-1, top-5)
 
 
 @torch.no_grad()

@@ -1,7 +1,10 @@
 """finetune.py: layer-decay scales, drop-path rule, presets vs each paper's table, mix labels, eval counting, a step."""
 import pytest
 import torch
+import torch.nn as nn
+from torchvision import transforms as T
 
+import abmilp_probe
 import data
 import finetune
 import vit
@@ -66,13 +69,14 @@ def test_distributed_eval_counts_once(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "tests/dist_eval.py", str(tmp_path)],
                        cwd=root, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root})
     assert r.returncode == 0, r.stderr[-2000:]
-    torch.manual_seed(0)
-    model = finetune.Classifier(vit.vit("vit_demo", 64), 6)
     ds = data.Seeded(data.DemoShapes("val", size=7), data.center_crop(64))
-    single = finetune.evaluate(model, torch.utils.data.DataLoader(ds, 2), torch.device("cpu"))
-    for rank in range(2):
-        out = json.load(open(tmp_path / f"rank{rank}.json"))
-        assert out["n"] == 7 and out["top1"] == pytest.approx(single[0])
+    for name, make in [("finetune", lambda e: finetune.Classifier(e, 6)), ("probe", lambda e: abmilp_probe.Probe(e, 6, "avg"))]:
+        torch.manual_seed(0)
+        single = finetune.evaluate(make(vit.vit("vit_demo", 64)), torch.utils.data.DataLoader(ds, 2), torch.device("cpu"))
+        assert single[2] == 7
+        for rank in range(2):
+            out = json.load(open(tmp_path / f"rank{rank}.json"))[name]
+            assert out["n"] == 7 and out["top1"] == pytest.approx(single[0]), (name, rank)
 
 
 def test_step_on_kamim_checkpoint_loads_exactly_and_trains(one_thread, tmp_path):
@@ -93,9 +97,103 @@ def test_step_on_kamim_checkpoint_loads_exactly_and_trains(one_thread, tmp_path)
 
 
 def test_bit_exact_resume(one_thread, tmp_path):
-    base = ["--workers", "0", "--batch-size", "16", "--log-every", "1"]
+    base = ["--workers", "0", "--batch-size", "16", "--log-every", "1", "--mixup", "0.8", "--cutmix", "1", "--drop-path", "0.1"]  # RNG users on
     finetune.train(finetune.parse_args(base + ["--out", str(tmp_path / "a"), "--max-steps", "2"]))
     for _ in range(2):
         finetune.train(finetune.parse_args(base + ["--out", str(tmp_path / "b"), "--max-steps", "1"]))
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loop_applies_each_groups_lr_scale(one_thread, tmp_path):
+    args = finetune.parse_args(["--out", str(tmp_path), "--max-steps", "1", "--workers", "0", "--batch-size", "16",
+                                "--layer-decay", "0.5", "--warmup-epochs", "0"])
+    finetune.train(args)
+    groups = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    lr = args.blr * args.batch_size / args.ref_batch  # step 0 without warmup: the peak lr
+    assert sorted({g["lr_scale"] for g in groups}) == pytest.approx([0.5 ** k for k in range(5, -1, -1)])  # vit_demo: 4 blocks + 2
+    assert all(g["lr"] == pytest.approx(lr * g["lr_scale"]) for g in groups)
+
+
+def test_eval_transform_is_deterministic_centre_crop(tmp_path):
+    from PIL import Image
+    img = Image.fromarray(torch.randint(0, 256, (300, 400, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy())
+    for protocol in ("lut", "mae", "semanticmim"):
+        args = finetune.parse_args(["--data", str(tmp_path), "--protocol", protocol, "--model", "vit_b"])
+        train_tf, val_tf = finetune.transforms(args)
+        a, b = val_tf(img), val_tf(img)
+        assert torch.equal(a, b) and a.shape == (3, 224, 224)
+        assert torch.equal(a, data.center_crop(224, args.mean, args.std)(img))
+        ref = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
+                         T.Normalize(args.mean, args.std)])(img)  # resize 256 (short side), centre crop 224
+        assert torch.allclose(a, ref, atol=1e-6)
+        assert not torch.equal(train_tf(img), train_tf(img))  # train, by contrast, is random
+
+
+def test_avg_pool_excludes_prefix_tokens(one_thread):
+    torch.manual_seed(0)
+    m = finetune.Classifier(vit.ViT(img_size=16, patch_size=8, dim=8, depth=1, heads=2, prefix_tokens=2), 3).eval()
+    nn.init.normal_(m.head.weight)
+    x = torch.randn(2, 3, 16, 16)
+    ref = m.logits(x)
+
+    def poison(mod, inp, out):  # the prefix outputs set to something huge: avg pooling must not see them
+        out = out.clone()
+        out[:, :2] = 1e3
+        return out
+    h = m.encoder.register_forward_hook(poison)
+    assert torch.allclose(m.logits(x), ref, atol=1e-6)
+    m.pool = "cls"
+    assert not torch.allclose(m.logits(x), ref, atol=1e-3)  # the hook does reach the pooled tokens
+    h.remove()
+
+
+@pytest.mark.parametrize("script,flags,prefix", [("lut", [], 1), ("semanticmim", [], 8), ("semanticmim", ["--proxies", "drop"], 1)])
+def test_step_on_lut_and_semanticmim_checkpoints(one_thread, tmp_path, script, flags, prefix):
+    import importlib
+    importlib.import_module(script).main(["--out", str(tmp_path / "pre"), "--max-steps", "1", "--img-size", "64",
+                                          "--batch-size", "8", "--workers", "0"])
+    ck = str(tmp_path / "pre" / "checkpoint.pt")
+    args = finetune.parse_args(["--checkpoint", ck, "--out", str(tmp_path / "ft"), "--workers", "0", "--batch-size", "16"] + flags)
+    model = finetune.build(args, 6)
+    assert model.encoder.num_prefix == prefix
+    sd = vit.read_state_dict(ck)
+    assert sd["cls_token"].shape[1] == 8 if script == "semanticmim" else 1
+    for k, v in model.encoder.state_dict().items():
+        assert torch.equal(v, sd[k][:, :prefix] if k == "cls_token" else sd[k]), k  # as saved (drop: the first proxy)
+    args.max_steps, args.warmup_epochs = 1, 0
+    finetune.train(args)
+    after = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["model"]
+    assert after["encoder.cls_token"].shape[1] == prefix
+    assert not torch.equal(model.state_dict()["encoder.blocks.0.attn.qkv.weight"], after["encoder.blocks.0.attn.qkv.weight"])
+
+
+def test_public_timm_deit_checkpoint_loads_and_trains(one_thread, tmp_path):
+    torch.manual_seed(0)
+    src = vit.vit("vit_demo", 64, learned_pos=True)
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    cls_pos = torch.randn(1, 1, src.dim)
+    sd["pos_embed"] = torch.cat([cls_pos, sd["pos_embed"]], 1)  # timm: pos_embed (1, 1 + N, D), [cls] row first
+    sd["head.weight"], sd["head.bias"] = torch.randn(1000, src.dim), torch.zeros(1000)  # DeiT's ImageNet head
+    torch.save({"model": sd, "epoch": 299}, tmp_path / "deit.pth")
+    args = finetune.parse_args(["--checkpoint", str(tmp_path / "deit.pth"), "--out", str(tmp_path / "ft"), "--workers", "0",
+                                "--batch-size", "16", "--max-steps", "1", "--warmup-epochs", "0"])
+    model = finetune.build(args, 6)
+    got = model.encoder.state_dict()
+    assert torch.equal(got["pos_embed"], src.state_dict()["pos_embed"])
+    assert torch.allclose(got["cls_token"], src.cls_token + cls_pos)  # the [cls] position folded into the token
+    assert torch.equal(got["blocks.0.attn.qkv.weight"], src.blocks[0].attn.qkv.weight)
+    assert model.head.weight.shape == (6, src.dim)  # a new head, not DeiT's 1000-way one
+    top1, top5, n = finetune.train(args)
+    assert n == 384 and 0 <= top1 <= top5 <= 100
+
+
+def test_lut_train_transform_has_randaugment_and_erasing(tmp_path):
+    args = finetune.parse_args(["--data", str(tmp_path), "--protocol", "lut", "--model", "vit_b"])
+    ops = finetune.transforms(args)[0].transforms
+    ra = [t for t in ops if isinstance(t, T.RandAugment)]
+    er = [t for t in ops if isinstance(t, T.RandomErasing)]
+    assert len(ra) == 1 and (ra[0].num_ops, ra[0].magnitude) == (2, 9)  # Table D "RandAug (9, 0.5)"
+    assert len(er) == 1 and er[0].p == 0.25 and er[0].scale == (0.02, 1 / 3) and er[0].ratio == (0.3, 3.3)  # MAE reprob
+    assert ops.index(er[0]) == len(ops) - 1  # erasing acts on the normalised tensor, last
+    assert not any(isinstance(t, T.TrivialAugmentWide) for t in ops)

@@ -549,7 +549,7 @@ def eta(steps_left, seconds_per_step):
 
 def summary(out_dir, step, total, seconds):
     """The closing lines of a run (rank 0)."""
-    print(f"{'finished' if step >= total else 'stopped'} at step {step} of {total} after {eta(1, seconds)}; the last "
+    print(f"{'finished' if step >= total else 'stopped'} at step {step} of {total} after {eta(1, seconds)}; the last loss "
           f"line above has the final losses; checkpoint {os.path.join(out_dir, 'checkpoint.pt')}, log "
           f"{os.path.join(out_dir, 'log.jsonl')}, figures {out_dir}/*.png", flush=True)
 

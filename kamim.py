@@ -232,7 +232,8 @@ def train(args):
             ips = n_log * args.batch_size / dt
             if rank == 0:
                 data.report(dict(epoch=epoch, step=step, **vals, **({"probe_top1": probe.top1()} if probe else {}),
-                                 lr=lr_now, img_s=ips, tflops=ips * flops / 1e12, eta=data.eta(total - step, dt / n_log), **data.skipped(ds),
+                                 lr=lr_now, img_s=ips, tflops=ips * flops / 1e12, eta=data.eta(total - step, dt / n_log),
+                                 **data.skipped(ds),
                                  mfu=vit.mfu(ips * flops / world, device)), args.out)
             sums, n_log, t0 = {}, 0, time.time()
         end_of_epoch = step % per_epoch == 0

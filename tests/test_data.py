@@ -76,6 +76,31 @@ def test_demo_dataset_deterministic_labelled_and_has_keypoints():
     assert np.mean([data.keypoint_map(np.array(a[i][0])).sum() for i in range(6)]) > 5
 
 
+def test_demo_stripes_run_at_their_class_angle():
+    """Classes 0-3: the dominant gradient direction (structure tensor over all channels) is label x 45 degrees."""
+    ds = data.DemoShapes("train")
+    for i in range(16):
+        img, label = ds[i]
+        if label > 3:
+            continue
+        gy, gx = np.gradient(np.asarray(img, np.float64), axis=(0, 1))
+        angle = 0.5 * np.degrees(np.arctan2(2 * (gx * gy).sum(), (gx ** 2).sum() - (gy ** 2).sum()))
+        assert abs((angle - 45 * label + 90) % 180 - 90) < 10, (i, label, angle)
+
+
+def test_demo_colour_says_nothing_about_the_class():
+    """Every class has the same average colour (200 images each: the centroids agree to 20 of 255 per channel;
+    measured 8.7), so a nearest-class-mean on each image's mean colour stays near chance (1/6): only the
+    pattern tells the classes apart, and a probe or kNN above chance has read structure, not colour."""
+    mean = lambda split, n: (np.stack([np.asarray(data.DemoShapes(split)[i][0], np.float64).mean((0, 1)) for i in range(n)]),
+                             np.arange(n) % 6)
+    (xt, yt), (xv, yv) = mean("train", 1200), mean("val", 300)
+    centroids = np.stack([xt[yt == c].mean(0) for c in range(6)])
+    assert np.abs(centroids[:, None] - centroids[None]).max() < 20
+    pred = ((xv[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)
+    assert (pred == yv).mean() < 0.3
+
+
 def write_messy_folder(root):
     """ImageNet's quirks: CMYK, grayscale, a PNG named .JPEG; plus a truncated file and a stray text."""
     for c in ("a", "b"):

@@ -112,7 +112,7 @@ def test_kamim_crop_is_the_released_one():
 
 def test_keypoints_are_fast_on_the_exact_crop_the_model_gets():
     tf = kamim.KamimTransform(96, 8, 16)
-    for i in range(4):
+    for i in (4, 5, 11, 16):  # checkers and dots: the stripes have few corners
         torch.manual_seed(i)
         img, _, points = tf(data.DemoShapes("train")[i][0])
         ref = data.keypoint_map(img.permute(1, 2, 0).contiguous().numpy())  # FAST on the very pixels shipped

@@ -38,7 +38,7 @@ def test_density_is_block_mean_and_circles_are_drawn_keypoints():
     ref = F_map.numpy().reshape(2, 1, 3, 8, 3, 8).mean(axis=(3, 5))
     assert np.allclose(kamim.keypoint_density(F_map, 8).numpy(), ref)
     # the released code draws circles with cv2.drawKeypoints: the ring stamp reproduces it for FAST
-    crop = np.asarray(data.kamim_crop(96)(data.DemoShapes("train")[3][0]))
+    crop = np.asarray(data.kamim_crop(96)(data.DemoShapes("train")[4][0]))  # checkers: many corners
     kps = cv2.FastFeatureDetector_create().detect(crop, None)
     drawn = cv2.drawKeypoints(np.zeros_like(crop), kps, None, color=(255, 255, 255)).max(-1) > 0
     points = torch.from_numpy(data.keypoint_map(crop))[None, None]

@@ -145,13 +145,8 @@ def train(args):
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
     os.makedirs(args.out, exist_ok=True)
-    ck = data.load_checkpoint(args.out)
-    step, best = (0, 0.0) if ck is None else (ck["step"], ck["best"])
-    if ck is not None:  # auto-resume: weights, optimiser, RNG, best, once the flags are the same run's
-        data.check_resume(ck["args"], args, os.path.join(args.out, "checkpoint.pt"))
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        data.set_rng_state(ck["rng"], step)
+    step = data.resume(args.out, model, opt, args=args, total=total)  # auto-resume: weights, optimiser, RNG
+    best = data.load_checkpoint(args.out)["best"] if step else 0.0
     if rank == 0:
         print("args:", "  ".join(f"{k}={v}" for k, v in vars(args).items()))
         print(f"world {world}  global batch {args.batch_size} = {micro} x {accum} accumulation x {world} processes  "

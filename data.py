@@ -2,6 +2,7 @@
 keypoint maps; every sample a pure function of (seed, epoch, index), so a killed run resumes mid-epoch on
 the same batches) and the run plumbing every script shares (torchrun, schedule, checkpoints, log)."""
 import argparse
+import io
 import json
 import math
 import os
@@ -16,7 +17,9 @@ import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image, ImageOps
+import torchvision
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
@@ -77,6 +80,7 @@ class ImageFiles(torch.utils.data.Dataset):
         if not any(readable(p) for p in sample):
             raise ValueError(f"none of the {len(sample)} images sampled under {root} can be read, e.g. {sample[:3]}")
         self.skipped = torch.zeros((), dtype=torch.int64).share_memory_()  # one counter shared by all workers
+        self.encoded = False  # True (--decode device): samples are Jpeg (bytes + size), decoded on the device
 
     def __len__(self):
         return len(self.samples)
@@ -85,7 +89,7 @@ class ImageFiles(torch.utils.data.Dataset):
         for j in range(i, i + 100):
             path, label = self.samples[j % len(self.samples)]
             try:
-                return read_image(path), label
+                return (Jpeg.read(path) if self.encoded else read_image(path)), label
             except Exception as e:  # truncated or not an image at all
                 self.skipped += 1
                 print(f"warning: skipping unreadable image {path} ({e}); {int(self.skipped)} skipped in this run",
@@ -102,8 +106,8 @@ class DemoShapes(torch.utils.data.Dataset):
     FAST corners, stripes few. A smoke test, not a benchmark."""
     classes = ["stripes_vertical", "stripes_rising", "stripes_horizontal", "stripes_falling", "checkers", "dots"]
 
-    def __init__(self, split="train", size=None, img_size=128):
-        self.split, self.img_size = split, img_size
+    def __init__(self, split="train", size=None, img_size=128, encoded=False):
+        self.split, self.img_size, self.encoded = split, img_size, encoded
         self.n = size or (1536 if split == "train" else 384)
 
     def __len__(self):
@@ -121,22 +125,25 @@ class DemoShapes(torch.utils.data.Dataset):
         v = k * (np.cos(th) * y - np.sin(th) * x) + rng.uniform(0, 2 * np.pi)
         on = np.sin(u) > 0 if label < 4 else np.sin(u) * np.sin(v) > 0 if label == 4 else np.cos(u) + np.cos(v) > 1
         img = np.where(on[..., None], c1, c2) + cv2.GaussianBlur(rng.normal(0, 24, (s, s, 3)), (0, 0), 1.5)
-        return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), label
+        img = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+        return (Jpeg.encode(img) if self.encoded else img), label
 
 
-def dataset(data, split, labelled=False, classes=None):
+def dataset(data, split, labelled=False, classes=None, encoded=False):
     """`--data PATH` -> PATH/split; None -> the demo. Unlabelled (pretraining): PATH itself when it has no such
     sub-folder. Labelled (probes): PATH/train and PATH/val must both exist, never one folder for both (that
-    would measure on training images); `classes`: train's class map, for val."""
+    would measure on training images); `classes`: train's class map, for val. encoded: samples are Jpegs."""
     if data is None:
-        return DemoShapes(split)
+        return DemoShapes(split, encoded=encoded)
     if not os.path.isdir(data):
         raise FileNotFoundError(f"--data {data} does not exist")
     if labelled and not all(os.path.isdir(os.path.join(data, s)) for s in ("train", "val")):
         raise ValueError(f"--data {data} needs train/ and val/ sub-folders of classes: evaluating on the training "
                          "folder itself would report top-1 on training images")
     root = os.path.join(data, split) if os.path.isdir(os.path.join(data, split)) else data
-    return ImageFiles(root, labelled, classes)
+    ds = ImageFiles(root, labelled, classes)
+    ds.encoded = encoded
+    return ds
 
 
 def skipped(ds):
@@ -212,19 +219,97 @@ def mae_crop(img_size=224):
                       T.RandomHorizontalFlip()])
 
 
-def simple_resized_crop(img_size=224):
-    """LUT's SRC (Table 4f, from DeiT III): shorter side to img_size (bicubic; the longer side of a
-    non-square size), random crop with 4 px reflect padding, horizontal flip. Returns PIL."""
-    size = image_size(img_size)
-    return T.Compose([T.Resize(max(size), interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomCrop(size, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip()])
+def src_resize(img, img_size=224):
+    """LUT's SRC (Table 4f, from DeiT III), part 1: shorter side to img_size (bicubic; the longer side of a
+    non-square size). Deterministic: done once per image, however many views src_crop then takes. PIL -> PIL."""
+    return T.functional.resize(img, max(image_size(img_size)), interpolation=T.InterpolationMode.BICUBIC)
 
 
-def three_augment():
-    """LUT's context view on top of SRC: colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, then exactly one
-    of grayscale / solarize (threshold 128) / Gaussian blur with sigma ~ U(0.1, 2). PIL in, PIL out."""
-    return T.Compose([T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-                      T.RandomChoice([T.Grayscale(3), T.RandomSolarize(128, p=1.0), T.GaussianBlur(9, (0.1, 2.0))])])
+def src_crop(img, img_size=224, padding=4):
+    """SRC, part 2: random crop with `padding` px reflect padding, then horizontal flip. PIL -> uint8 (C, H, W).
+    The same random draws and pixels as RandomCrop(padding, reflect) + RandomHorizontalFlip, without padding the
+    whole image: the window is taken at an offset of -padding .. +padding and only its out-of-image strip is
+    reflected (a pad of the crop's own edge reflects the image's edge rows: the crop is wider than `padding`)."""
+    (th, tw), (w, h) = image_size(img_size), img.size
+    i = int(torch.randint(0, h + 2 * padding - th + 1, (1,))) - padding  # RandomCrop.get_params on the padded size
+    j = int(torch.randint(0, w + 2 * padding - tw + 1, (1,))) - padding
+    a = np.asarray(img.crop((max(j, 0), max(i, 0), min(j + tw, w), min(i + th, h))))
+    pad = ((max(-i, 0), max(i + th - h, 0)), (max(-j, 0), max(j + tw - w, 0)))
+    a = np.pad(a, pad + ((0, 0),) * (a.ndim - 2), mode="reflect")  # numpy's reflect = torchvision's
+    if torch.rand(1) < 0.5:  # RandomHorizontalFlip's draw
+        a = a[:, ::-1]
+    a = torch.from_numpy(np.ascontiguousarray(a))
+    return a[None] if a.ndim == 2 else a.permute(2, 0, 1)
+
+
+# ---- colour augmentation on the device: the worker decodes and crops, the step does the rest (per sample) ----
+
+def gray(x):
+    """ITU-R 601 luma with torchvision's weights: (B, 3, H, W) -> (B, 1, H, W), any value scale."""
+    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def adjust_hue(x, f):
+    """Rotate each image's hue by f (B,) turns in HSV, torchvision's adjust_hue per sample. (B, 3, H, W) in [0, 1]."""
+    mx, mn = x.amax(1), x.amin(1)  # (B, H, W): V and V - chroma
+    r, g, b = x.unbind(1)
+    c = (mx - mn).clamp_min(1e-12)  # chroma 0: S = 0 below, so H does not matter
+    h = torch.where(mx == r, (g - b) / c, torch.where(mx == g, 2 + (b - r) / c, 4 + (r - g) / c)) / 6
+    h = (h + f.view(-1, 1, 1)) % 1
+    s = (mx - mn) / mx.clamp_min(1e-12)
+    k = (torch.arange(5, 0, -2, device=x.device).view(1, 3, 1, 1) + 6 * h[:, None]) % 6  # HSV -> RGB, channels R, G, B
+    return mx[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def color_jitter(x, factors, order):
+    """ColorJitter per sample: factors (B, 4) for brightness, contrast, saturation, hue (identity 1, 1, 1, 0 for a
+    sample left alone), order (B, 4) the sequence each sample takes them in; each a blend as torchvision's.
+    (B, 3, H, W) in [0, 1] -> same. At each of the 4 positions every adjustment runs on the whole batch, with the
+    identity where it is not that sample's: no per-sample indexing, no host sync."""
+    blend = lambda a, y, t: (t.view(-1, 1, 1, 1) * a + (1 - t.view(-1, 1, 1, 1)) * y).clamp(0, 1)
+    identity = (torch.arange(4, device=x.device) < 3).to(factors)  # (1, 1, 1, 0)
+    for k in range(4):
+        t = torch.where(order[:, k:k + 1] == torch.arange(4, device=x.device), factors, identity)
+        x = blend(x, torch.zeros_like(x[:, :1]), t[:, 0])  # brightness: towards black
+        x = blend(x, gray(x).mean((1, 2, 3), keepdim=True), t[:, 1])  # contrast: towards the mean grey
+        x = blend(x, gray(x), t[:, 2])  # saturation: towards the grey image
+        x = adjust_hue(x, t[:, 3])
+    return x
+
+
+def gaussian_blur(x, sigma, k=9):
+    """torchvision's GaussianBlur(k) with one sigma (B,) per sample: separable, reflect padding. (B, C, H, W) -> same."""
+    B, C, H, W = x.shape
+    t = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k, device=x.device)
+    g = (-0.5 * (t / sigma[:, None]) ** 2).exp()
+    g = (g / g.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B * C, k): one kernel per channel of each sample
+    y = F.pad(x.reshape(1, B * C, H, W), (k // 2,) * 4, mode="reflect")
+    y = F.conv2d(F.conv2d(y, g[:, None, :, None], groups=B * C), g[:, None, None, :], groups=B * C)
+    return y.view(B, C, H, W)
+
+
+def three_augment_params(B, device=None, jitter=(0.4, 0.4, 0.2, 0.1), p=0.8):
+    """The draws of LUT's context view per sample: ColorJitter(jitter) applied with probability p (factors U(1 - a, 1 + a),
+    hue U(-h, h), identity where not applied) in a random order; then pick 0 grayscale, 1 solarize, 2 Gaussian blur with
+    sigma ~ U(0.1, 2), one each, uniformly. Returns dict(factors (B, 4), order (B, 4), pick (B,), sigma (B,))."""
+    r = lambda *shape: torch.rand(*shape, device=device)
+    u, identity = 2 * r(B, 4) - 1, (torch.arange(4, device=device) < 3).float()  # U(-1, 1); (1, 1, 1, 0)
+    f = identity + torch.stack([a * u[:, i] for i, a in enumerate(jitter)], 1)  # (B, 4); Python scalars: no host copy
+    f = torch.where(r(B, 1) < p, f, identity)
+    return dict(factors=f, order=r(B, 4).argsort(1), pick=torch.randint(0, 3, (B,), device=device),
+                sigma=0.1 + 1.9 * r(B))
+
+
+def three_augment(x, params=None):
+    """LUT's context view on top of SRC, per sample on the device: colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, then
+    exactly one of grayscale / solarize (threshold 128) / Gaussian blur 9 x 9 (DeiT III's 3-Augment). uint8
+    (B, 3, H, W) -> float (B, 3, H, W) in [0, 255], for normalize_batch. params: three_augment_params' (drawn here by default)."""
+    q = three_augment_params(x.shape[0], x.device) if params is None else params
+    x = color_jitter(x.float() / 255, q["factors"], q["order"])
+    pick = q["pick"].view(-1, 1, 1, 1)
+    x = torch.where(pick == 0, gray(x).expand_as(x), x)
+    x = torch.where((pick == 1) & (x >= 128 / 255), 1 - x, x)  # solarize: invert at and above 128 of 255
+    return 255 * torch.where(pick == 2, gaussian_blur(x, q["sigma"]), x)
 
 
 def crop_flip(img_size=224, scale=(0.08, 1.0)):
@@ -240,6 +325,90 @@ def center_crop(img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     size = image_size(img_size)
     return T.Compose([T.Resize(int(max(size) * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
                       T.CenterCrop(size), normalize(mean, std)])
+
+
+# ---- optional GPU JPEG decode (--decode device): the worker reads the file and draws the crop, the device decodes ----
+
+class Jpeg:
+    """A JPEG's bytes (uint8 (n,) tensor) and its size (W, H), not decoded; after a view transform also `views`, the
+    crops to take (crop_spec rows). Files nvJPEG cannot take as they are (not JPEG, e.g. a PNG named .JPEG; CMYK;
+    16-bit; an EXIF rotation, which decode_jpeg applies on the CPU only; no end marker, i.e. truncated) are decoded
+    here by read_image and re-encoded at quality 95: rare in ImageNet, lossy for those few."""
+    def __init__(self, data, size):
+        self.data, self.size, self.views = torch.frombuffer(bytearray(data), dtype=torch.uint8), size, None
+
+    @staticmethod
+    def read(path):
+        with open(path, "rb") as f:
+            raw = f.read()
+        with Image.open(io.BytesIO(raw)) as im:
+            plain = im.format == "JPEG" and im.mode in ("RGB", "L") and im.getexif().get(0x0112, 1) == 1
+            size = im.size
+        return Jpeg(raw, size) if plain and raw.rstrip(b"\0")[-2:] == b"\xff\xd9" else Jpeg.encode(read_image(path))
+
+    @staticmethod
+    def encode(img):
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=95)
+        return Jpeg(buf.getvalue(), img.size)
+
+
+def rrc_spec(jpeg, img_size, scale, ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop + RandomHorizontalFlip's draws on a Jpeg's size, in their order: the crop_spec row."""
+    (w, h), out = jpeg.size, image_size(img_size)
+    top, left, ch, cw = T.RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(3, h, w), scale, ratio)
+    return [h, w, top, left, ch, cw, *out, int(torch.rand(1) < 0.5)]
+
+
+def src_spec(jpeg, img_size, padding=4):
+    """src_resize + src_crop's draws on a Jpeg's size: the crop_spec row (the window may reach `padding` px outside)."""
+    (w, h), (th, tw) = jpeg.size, image_size(img_size)
+    s = max(th, tw)
+    rh, rw = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)  # torchvision's Resize(int): shorter side to s
+    i = int(torch.randint(0, rh + 2 * padding - th + 1, (1,))) - padding
+    j = int(torch.randint(0, rw + 2 * padding - tw + 1, (1,))) - padding
+    return [rh, rw, i, j, th, tw, th, tw, int(torch.rand(1) < 0.5)]
+
+
+class JpegBatch(list):
+    """The Jpegs of a batch: collate keeps them a list on the host (decode_jpeg takes host bytes); not a tuple, so
+    to_device leaves it alone."""
+
+
+def collate(samples):
+    """default_collate, except that Jpeg fields become a JpegBatch."""
+    if isinstance(samples[0], Jpeg):
+        return JpegBatch(samples)
+    if isinstance(samples[0], (tuple, list)):
+        return [collate(list(f)) for f in zip(*samples)]
+    return torch.utils.data.default_collate(samples)
+
+
+def crop_spec(img, spec):
+    """One view from a decoded uint8 (C, H, W) image by its row [rh, rw, top, left, h, w, out_h, out_w, flip]: resize to
+    rh x rw (bicubic, antialiased; skipped when equal), the h x w window at (top, left), its out-of-image part reflected,
+    resized to out_h x out_w (skipped when equal), flipped."""
+    rh, rw, t, l, h, w, oh, ow, flip = spec
+    bicubic = lambda x, size: v2.functional.resize(x, size, T.InterpolationMode.BICUBIC, antialias=True)
+    x = img if img.shape[1:] == (rh, rw) else bicubic(img, [rh, rw])
+    x = x[:, max(t, 0):t + h, max(l, 0):l + w]
+    pad = (max(-l, 0), max(l + w - rw, 0), max(-t, 0), max(t + h - rh, 0))
+    x = F.pad(x[None].float(), pad, mode="reflect")[0].to(x.dtype) if any(pad) else x
+    x = x if (h, w) == (oh, ow) else bicubic(x, [oh, ow])
+    return x.flip(-1) if flip else x
+
+
+def decode_views(batch, device):
+    """A JpegBatch -> its views, each a uint8 (B, 3, H, W) batch on `device`: one batched decode_jpeg (nvJPEG on CUDA),
+    then crop_spec per image and view. A batch nvJPEG refuses is decoded image by image on the CPU."""
+    data, rgb = [j.data for j in batch], torchvision.io.ImageReadMode.RGB
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its image io (for TorchCodec); it still works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            imgs = torchvision.io.decode_jpeg(data, mode=rgb, device=device)
+        except RuntimeError:
+            imgs = [torchvision.io.decode_jpeg(d, mode=rgb).to(device) for d in data]
+    return [torch.stack([crop_spec(img, j.views[v]) for img, j in zip(imgs, batch)]) for v in range(len(batch[0].views))]
 
 
 # ---- masks ----
@@ -292,7 +461,8 @@ def keypoint_map(img, detector="fast"):
 
 class Seeded(torch.utils.data.Dataset):
     """Applies `transform` (PIL -> anything) to `base` samples with the RNGs seeded from (seed, epoch, i):
-    the same sample is the same tensor whatever the worker count or resume point."""
+    the same sample is the same tensor whatever the worker count or resume point. Indexed by i (at self.epoch)
+    or by (epoch, i), as loader's sampler does: persistent workers hold their own copy of self.epoch."""
     def __init__(self, base, transform, seed=0):
         self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
 
@@ -300,7 +470,8 @@ class Seeded(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, i):
-        s = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + i
+        epoch, i = i if isinstance(i, tuple) else (self.epoch, i)
+        s = (self.seed * 1_000_003 + epoch) * 10_000_019 + i
         py_state = random.getstate()
         with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG alone (num_workers=0)
             torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed would reset the GPU's too
@@ -313,11 +484,13 @@ class Seeded(torch.utils.data.Dataset):
 
 class Sampler(torch.utils.data.DistributedSampler):
     """DistributedSampler (one replica without torchrun) that can start mid-epoch: `skip` samples of
-    this rank's share are dropped, so a resumed run continues at the batch where it stopped."""
+    this rank's share are dropped, so a resumed run continues at the batch where it stopped. For a Seeded
+    dataset it yields (epoch, index): the workers can persist across epochs and still draw each epoch's crops."""
     skip = 0
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
+        ids = list(super().__iter__())[self.skip:]
+        return iter([(self.epoch, i) for i in ids] if isinstance(self.dataset, Seeded) else ids)
 
     def __len__(self):
         return super().__len__() - self.skip
@@ -328,12 +501,13 @@ def worker_init(_):
 
 
 def loader(ds, batch_size, train=True, workers=8, seed=0):
-    """Rank-sharded DataLoader over a Seeded dataset; drop_last and shuffling for training. Call
-    set_epoch(loader, epoch, skip_batches) before iterating each epoch."""
+    """Rank-sharded DataLoader over a Seeded dataset; drop_last and shuffling for training; workers persist across
+    epochs (the sampler hands them the epoch with each index). Call set_epoch(loader, epoch, skip_batches) before
+    iterating each epoch."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     sampler = Sampler(ds, num_replicas=world, rank=rank, shuffle=train, seed=seed, drop_last=train)
     return torch.utils.data.DataLoader(ds, batch_size, sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                                       drop_last=train, worker_init_fn=worker_init, persistent_workers=False)
+                                       drop_last=train, worker_init_fn=worker_init, persistent_workers=workers > 0, collate_fn=collate)
 
 
 def set_epoch(dl, epoch, skip_batches=0):
@@ -342,9 +516,53 @@ def set_epoch(dl, epoch, skip_batches=0):
     dl.dataset.epoch = epoch
 
 
-def train_steps(dl, epochs, accum, start=0):
+def to_device(batch, device, non_blocking=True):
+    """Every tensor of a (nested) tuple / list batch to `device`."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=non_blocking)
+    return type(batch)(to_device(b, device, non_blocking) for b in batch) if isinstance(batch, (list, tuple)) else batch
+
+
+def prefetch(batches, device):
+    """Yield the batches of `batches` on `device`, one ahead: on CUDA the next batch's copy runs on a side stream while
+    the current one computes (pinned memory makes it asynchronous); the compute stream waits for it, and
+    record_stream keeps the allocator from reusing its memory while that stream still reads it. On the CPU
+    the same order and the same tensors, moved (a no-op there)."""
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    load = lambda b: to_device(b, device) if side is None else _copy_on(side, b, device)
+    it, ahead = iter(batches), None
+    for b in it:
+        ahead, b = load(b), ahead
+        if b is not None:
+            yield _ready(b, side)
+    if ahead is not None:
+        yield _ready(ahead, side)
+
+
+def _copy_on(stream, batch, device):
+    with torch.cuda.stream(stream):
+        return to_device(batch, device)
+
+
+def _ready(batch, side):
+    """The compute stream waits for the side stream's copy; each tensor is marked as used by the compute stream."""
+    if side is not None:
+        torch.cuda.current_stream(side.device).wait_stream(side)
+        for t in _tensors(batch):
+            t.record_stream(torch.cuda.current_stream(side.device))
+    return batch
+
+
+def _tensors(batch):
+    if torch.is_tensor(batch):
+        return [batch]
+    return [t for b in batch for t in _tensors(b)] if isinstance(batch, (list, tuple)) else []
+
+
+def train_steps(dl, epochs, accum, start=0, device=None):
     """Yield (epoch, step, [accum micro-batches]) for optimiser steps start .. epochs * steps_per_epoch;
-    each epoch re-seeds the sampler, and a run resumed at `start` skips the batches already done."""
+    each epoch re-seeds the sampler, and a run resumed at `start` skips the batches already done. With a
+    `device`, the batches arrive there, copied one batch ahead (prefetch)."""
     dl.sampler.skip = 0
     per_epoch = len(dl) // accum
     if per_epoch == 0:
@@ -352,7 +570,7 @@ def train_steps(dl, epochs, accum, start=0):
     for epoch in range(start // per_epoch, epochs):
         first = max(start, epoch * per_epoch)
         set_epoch(dl, epoch, (first - epoch * per_epoch) * accum)
-        it = iter(dl)
+        it = iter(dl) if device is None else prefetch(dl, device)
         for step in range(first, (epoch + 1) * per_epoch):
             yield epoch, step, [next(it) for _ in range(accum)]
 

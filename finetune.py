@@ -161,12 +161,11 @@ def train(args):
     amp = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
     loss_sum, n_log, t0, done, result = 0.0, 0, time.time(), 0, None
     model.train()
-    for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start=step):
+    for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start=step, device=device):  # batches prefetched to the device
         lr_now = data.cosine(step, total, warmup, lr, final=args.min_lr)
         for g in opt.param_groups:
             g["lr"] = lr_now * g["lr_scale"]  # layer-wise lr decay
         for i, (x, y) in enumerate(micro_batches):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             torch.manual_seed(hash((args.seed, step, rank, i)))  # mix and drop path: a pure function of the step (resume)
             x, y = mix(x, y) if mix else (x, y)  # soft labels (B, K)
             sync = contextlib.nullcontext() if world == 1 or i == accum - 1 else net.no_sync()

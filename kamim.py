@@ -206,13 +206,12 @@ def train(args):
     sums, n_log, t0, last, done = {}, 0, time.time(), None, 0
     t_run = t0
     model.train()
-    for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start=step):
+    for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start=step, device=device):
         lr_now = (data.timm_cosine if args.lr_curve == "timm" else data.cosine)(step, total, warmup, lr, min_lr, warmup_lr)
         for g in opt.param_groups:
             g["lr"] = lr_now * g["lr_scale"]
         for i, (batch, y) in enumerate(micro_batches):
-            batch = [t.to(device, non_blocking=True) for t in batch]
-            batch[0] = data.normalize_batch(batch[0], args.mean, args.std)  # uint8 from the loader
+            batch[0] = data.normalize_batch(batch[0], args.mean, args.std)  # uint8 from the loader, on the device (prefetched)
             sync = contextlib.nullcontext() if world == 1 or i == accum - 1 else net.no_sync()
             with sync, autocast:
                 loss, terms = net(*batch)

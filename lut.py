@@ -196,16 +196,25 @@ def train_flops(model):
 
 class Views:
     """PIL -> (reconstruction view,) or, for LUT, (reconstruction view, context view), each an independent
-    crop, uint8 (the step normalises on the device). LUT (Table 4f): simple resized crop (SRC); the context
-    view adds colour jitter + three-augment. MAE (--alpha 0) uses its own random resized crop (0.2, 1) by
-    default (Table 4f: SRC costs MAE 0.3 ft)."""
+    crop, uint8. LUT (Table 4f): simple resized crop (SRC), the image resized once and cropped per view; the
+    context view (always RGB) gets its colour jitter + three-augment on the device (data.three_augment), and
+    the step normalises both. MAE (--alpha 0) uses its own random resized crop (0.2, 1) by default (Table 4f:
+    SRC costs MAE 0.3 ft)."""
     def __init__(self, img_size, crop="src", two=True, in_chans=3):
-        crop = data.simple_resized_crop(img_size) if crop == "src" else data.mae_crop(img_size)  # MAE: RRC (0.2, 1)
-        self.recon = T.Compose([crop, data.to_uint8(in_chans)])  # uint8: the step normalises on the device
-        self.context = T.Compose([crop, data.three_augment(), data.to_uint8(in_chans)]) if two else None
+        self.size, self.src, self.two, self.gray = data.image_size(img_size), crop == "src", two, in_chans == 1
+        self.rrc = data.mae_crop(img_size)  # MAE: RRC (0.2, 1)
+
+    def crop(self, img):
+        return data.src_crop(img, self.size) if self.src else T.functional.pil_to_tensor(self.rrc(img))
 
     def __call__(self, img):
-        return (self.recon(img),) if self.context is None else (self.recon(img), self.context(img))
+        if isinstance(img, data.Jpeg):  # --decode device: the same draws; data.decode_views crops on the device
+            img.views = [data.src_spec(img, self.size) if self.src else data.rrc_spec(img, self.size, (0.2, 1.0))
+                         for _ in range(1 + self.two)]
+            return img
+        img = data.src_resize(img, self.size) if self.src else img  # SRC's resize: once for both views
+        recon = self.crop(img.convert("L") if self.gray else img)
+        return (recon,) if not self.two else (recon, self.crop(img))
 
 
 @torch.no_grad()
@@ -243,7 +252,7 @@ def train(args):
                 args.alpha, args.head_hidden, args.two_view).to(device)
     groups = vit.param_groups(model, args.weight_decay, decay_tokens=True, layer_decay=args.layer_decay)  # §5.1 (MAE)
     opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(args.betas), **({"fused": True} if cuda else {}))
-    ds = data.Seeded(data.dataset(args.data, "train"), Views(args.img_size, args.crop, args.alpha > 0, args.in_chans), args.seed)
+    ds = data.Seeded(data.dataset(args.data, "train", encoded=args.decode == "device"), Views(args.img_size, args.crop, args.alpha > 0, args.in_chans), args.seed)
     dl = data.loader(ds, micro, train=True, workers=args.workers, seed=args.seed)
     probe, held = online_probe.online_probe(args, encoder, ds.base, device)  # (None, None) without labels
     per_epoch = len(dl) // accum
@@ -271,13 +280,19 @@ def train(args):
     sums, n_log, t0, last, done = {}, 0, time.time(), None, 0
     t_run = t0
     net.train()
-    for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start=step):
+    for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start=step, device=device):
         lr_now = data.cosine(step, total, warmup, lr)
         for g in opt.param_groups:
             g["lr"] = lr_now * g["lr_scale"]
-        for i, (views, y) in enumerate(micro_batches):
-            views = [data.normalize_batch(t.to(device, non_blocking=True), args.mean, args.std) for t in views]  # uint8 in
-            torch.manual_seed(hash((args.seed, step, rank, i)))  # the masks: a pure function of (seed, step, rank, i)
+        for i, (views, y) in enumerate(micro_batches):  # on the device already (prefetched), uint8
+            if isinstance(views, data.JpegBatch):  # --decode device
+                views = data.decode_views(views, device)
+                views[0] = data.gray(views[0]) if args.in_chans == 1 else views[0]
+            torch.manual_seed(hash((args.seed, step, rank, i)))  # masks, context augmentation: pure functions of (seed, step, rank, i)
+            if len(views) == 2:  # LUT's context view: colour jitter + three-augment on the device, then its channels
+                views[1] = data.three_augment(views[1])
+                views[1] = data.gray(views[1]) if args.in_chans == 1 else views[1]
+            views = [data.normalize_batch(t, args.mean, args.std) for t in views]
             sync = contextlib.nullcontext() if world == 1 or i == accum - 1 else net.no_sync()
             with sync, autocast:
                 loss, terms = net(*views)
@@ -366,6 +381,9 @@ def parse_args(argv=None):
       "ViT-B against 1.6x for the paper's LUT")
     a("--crop", default=None, choices=["src", "rrc"], help="Table 4f: src (simple resized crop) for LUT; default for "
       "--alpha 0 is MAE's rrc (0.2, 1)")
+    a("--decode", default="worker", choices=["worker", "device"], help="JPEG decode: in the loader workers (PIL), or "
+      "batched on the training device (torchvision.io.decode_jpeg: nvJPEG on a GPU), the workers only reading files and "
+      "drawing crops")
     a("--out", default="runs/lut", help="output folder: log.jsonl, checkpoint.pt (auto-resumed), figures")
     a("--workers", type=int, default=None, help="data-loader processes per GPU (default 8; demo 1)")
     a("--seed", type=int, default=0, help="every crop, mask and batch order follows from (seed, epoch, index)")

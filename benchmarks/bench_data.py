@@ -30,6 +30,9 @@ import kamim  # noqa: E402
 import vit  # noqa: E402
 
 
+MFU50 = {"kamim": 6400, "lut": 5270, "mae": 8430, "semanticmim": 4580, "probe": 14100}  # img/s, README's analytic table
+
+
 class InMemory(torch.utils.data.Dataset):
     """The first n samples of `base`, decoded once: the demo's drawing cost is not the pipeline's."""
     def __init__(self, base, n):
@@ -79,6 +82,35 @@ def stage_costs(base, tf, detectors, n, rounds=5):
     return {k: sorted(v)[len(v) // 2] for k, v in ms.items()}
 
 
+def worker_transforms():
+    """What each script's loader worker does per image (PIL in), at the papers' sizes: the rows of "per script"."""
+    import types
+    import abmilp_probe
+    import lut
+    import semanticmim
+    fake = types.SimpleNamespace(encoder=types.SimpleNamespace(grid=(14, 14)), n_mask=118)  # ViT-B/16 at 224
+    sm = semanticmim.data_hook(types.SimpleNamespace(img_size=224, crop_min=0.5, in_chans=3), fake)
+    return {"kamim (192, FAST)": kamim.KamimTransform(192, 16, 32), "lut (224, 2 views)": lut.Views(224, "src", True),
+            "mae (224, --alpha 0)": lut.Views(224, "rrc", False), "semanticmim (224)": sm,
+            "probe train (224)": abmilp_probe.transforms(224)[0], "probe val (224)": abmilp_probe.transforms(224)[1]}
+
+
+def script_costs(base, n, rounds=3):
+    """Median ms per image of each script's whole worker transform, read + decode included, in this process."""
+    data.worker_init(0)
+    tfs, ms = worker_transforms(), {}
+    for k in tfs:
+        ms[k] = []
+    for r in range(rounds):
+        for k, tf in tfs.items():
+            ds = data.Seeded(base, tf)
+            t = time.perf_counter()
+            for i in range(n):
+                ds[i]
+            ms[k].append((time.perf_counter() - t) / n * 1e3)
+    return {k: sorted(v)[len(v) // 2] for k, v in ms.items()}
+
+
 def write_jpegs(folder, n=600):
     """JPEG decode without ImageNet at hand: the demo's shapes upscaled to ImageNet's typical 500 x 375, with
     pixel noise so the files are photo-sized (~70 KB) and FAST finds ~150 keypoints per 192 px crop."""
@@ -102,6 +134,8 @@ def main():
     p.add_argument("--detectors", nargs="+", default=["fast", "orb", "sift"], choices=list(data.DETECTORS))
     p.add_argument("--write-jpegs", metavar="DIR", help="first write 600 demo images to DIR/train/0 as ImageNet-sized JPEGs "
                    "(500 x 375, noise sd 12, quality 90), then read them as --data DIR")
+    p.add_argument("--scripts", action="store_true", help="time each script's worker transform instead (kamim, lut, mae, "
+                   "semanticmim, probe) and the cores it needs at its 50 %%-MFU rate on one H100")
     args = p.parse_args()
     if args.write_jpegs:
         write_jpegs(os.path.join(args.write_jpegs, "train", "0"))
@@ -112,6 +146,11 @@ def main():
     patch = vit.CONFIGS[args.model]["patch_size"]
     print(f"{args.data or 'demo images (in memory)'}: {len(base)} images, {args.img_size} px crops, "
           f"mask cell {args.mask_patch}, {os.cpu_count()} CPUs")
+    if args.scripts:
+        print("per script (one process, read + decode included)   ms/img   cores for the 50 %-MFU rate")
+        for k, v in script_costs(base, min(len(base), 200)).items():
+            print(f"{k:<48} {v:>7.2f}   " + (f"{v * MFU50[k.split()[0]] / 1000:.1f}" if k.split()[0] in MFU50 else "-"), flush=True)
+        return
     costs = stage_costs(base, kamim.KamimTransform(args.img_size, patch, args.mask_patch), args.detectors, min(len(base), 200))
     simmim = costs["read+decode+crop"] + costs["uint8 tensor+mask"]
     print("stage (one process)      ms/img  vs simmim's transform")

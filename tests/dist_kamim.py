@@ -10,7 +10,7 @@ import kamim  # noqa: E402
 
 ids, losses = [], []
 get, fwd = data.Seeded.__getitem__, kamim.KAMIM.forward
-data.Seeded.__getitem__ = lambda self, i: ids.append(int(i)) or get(self, i)
+data.Seeded.__getitem__ = lambda self, i: ids.append(int(i[1] if isinstance(i, tuple) else i)) or get(self, i)
 kamim.KAMIM.forward = lambda self, *a, **k: (lambda r: losses.append(r[0].item()) or r)(fwd(self, *a, **k))
 out = sys.argv[1]
 kamim.main(["--out", out, *sys.argv[2:]])

@@ -12,7 +12,7 @@ rank, world, device = data.setup()
 ds = data.Seeded(data.DemoShapes("train", size=40), lambda img: 0)
 dl = data.loader(ds, batch_size=4, train=True, workers=1)
 data.set_epoch(dl, 0)
-ids = list(dl.sampler)
+ids = [i for _, i in dl.sampler]  # (epoch, index) pairs for a Seeded dataset
 saved = [data.rng_state()]  # a checkpoint holds rank 0's state; every rank resumes from it
 dist.broadcast_object_list(saved, src=0)
 expected = torch.rand(2).tolist()

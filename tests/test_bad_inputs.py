@@ -118,7 +118,7 @@ def test_unreadable_folder_fails_early_and_skips_are_counted_over_the_run(tmp_pa
 
 
 def small_kamim(tmp_path, monkeypatch, *flags):
-    monkeypatch.setattr(data, "dataset", lambda d, split, labelled=False, classes=None: data.DemoShapes(split, 8))
+    monkeypatch.setattr(data, "dataset", lambda d, split, labelled=False, classes=None, encoded=False: data.DemoShapes(split, 8, encoded=encoded))
     return kamim.main(["--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0", "--img-size", "32",
                        "--no-online-probe", "--out", str(tmp_path), *flags])
 
@@ -132,7 +132,7 @@ def test_resume_refuses_changed_flags_and_a_finished_run_touches_nothing(tmp_pat
     for changed in (["--seed", "1"], ["--detector", "orb"], ["--temperature", "0.5"]):
         with pytest.raises(SystemExit, match=f"--{changed[0][2:]}: .* -> .*\n.*new --out.*--resume-anyway"):
             small_kamim(tmp_path, monkeypatch, *changed)
-    monkeypatch.setattr(data, "dataset", lambda d, split, labelled=False, classes=None: data.DemoShapes(split, 16))
+    monkeypatch.setattr(data, "dataset", lambda d, split, labelled=False, classes=None, encoded=False: data.DemoShapes(split, 16, encoded=encoded))
     with pytest.raises(SystemExit, match="batch_size|batch-size"):
         kamim.main(["--batch-size", "16", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0", "--img-size", "32",
                     "--no-online-probe", "--out", str(tmp_path)])

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms.v2 import functional as TF
 
 import data
 
@@ -158,8 +159,7 @@ def test_transforms_shapes():
     img = Image.new("RGB", (300, 200), (120, 60, 30))
     assert data.kamim_crop(192)(img).shape == data.kamim_crop(192, antialias=True)(img).shape == (192, 192, 3)
     assert data.mae_crop(224)(img).size == (224, 224)
-    assert data.simple_resized_crop(224)(img).size == (224, 224)
-    assert data.three_augment()(img).size == (300, 200)
+    assert data.src_crop(data.src_resize(img, 224), 224).shape == (3, 224, 224)
     assert data.center_crop(224)(img).shape == (3, 224, 224)
     x = data.normalize()(Image.new("RGB", (4, 4), (255, 0, 0)))
     assert torch.allclose(x[:, 0, 0], torch.tensor([(1 - .485) / .229, -.456 / .224, -.406 / .225]), atol=1e-5)
@@ -169,7 +169,7 @@ def test_image_size_and_channels():
     assert data.image_size(192) == data.image_size("192") == (192, 192) and data.image_size("192x256") == (192, 256)
     img = Image.new("RGB", (300, 200), (120, 60, 30))
     assert data.kamim_crop("64x96")(img).shape == (64, 96, 3)  # (H, W, 3) uint8
-    assert data.simple_resized_crop((64, 96))(img).size == (96, 64)
+    assert data.src_resize(img, (64, 96)).size == (144, 96) and data.src_crop(data.src_resize(img, (64, 96)), (64, 96)).shape == (3, 64, 96)
     assert data.center_crop((64, 96))(img).shape == (3, 64, 96) and data.mae_crop((64, 96))(img).size == (96, 64)
     mean, std = data.channel_stats(1)
     assert len(mean) == len(std) == 1 and mean[0] == pytest.approx(sum(data.IMAGENET_MEAN) / 3)
@@ -257,3 +257,82 @@ def test_save_run_resume_check_finite(tmp_path):
     for bad in (float("nan"), float("inf"), torch.tensor(float("-inf")), torch.tensor(float("nan"), dtype=torch.bfloat16)):
         with pytest.raises(SystemExit, match=r"non-finite loss .* step 3: .*checkpoint\.pt is the last good state"):
             data.check_finite(bad, 3, out)
+
+
+def test_src_crop_is_pad_then_crop():
+    # the offset crop equals torchvision's RandomCrop(padding 4, reflect) + flip: same draws, same pixels, edges included
+    ref = lambda size: T.Compose([T.RandomCrop(size, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip(), T.PILToTensor()])
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 52, 3), dtype=np.uint8))
+    for img, size in ((rgb, (36, 36)), (rgb, (40, 48)), (rgb.convert("L"), (32, 44))):
+        for seed in range(40):  # 40 draws reach every edge of a 4-px margin
+            torch.manual_seed(seed)
+            a = data.src_crop(img, size)
+            torch.manual_seed(seed)
+            assert torch.equal(a, ref(size)(img)), (img.mode, size, seed)
+
+
+def _three_augment_reference(x, q):
+    """torchvision's functional ops one sample at a time, in each sample's order, with its draws."""
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    out = []
+    for i in range(len(x)):
+        y = x[i].float() / 255
+        for j in q["order"][i].tolist():
+            y = ops[j](y, q["factors"][i, j].item())
+        k = q["pick"][i].item()
+        s = q["sigma"][i].item()
+        y = TF.rgb_to_grayscale(y, 3) if k == 0 else TF.solarize(y, 128 / 255) if k == 1 else TF.gaussian_blur(y, [9, 9], [s, s])
+        out.append(255 * y)
+    return torch.stack(out)
+
+
+def test_three_augment_per_sample_equals_torchvision():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (48, 3, 20, 24), dtype=torch.uint8)
+    q = data.three_augment_params(len(x))
+    d = (data.three_augment(x, q) - _three_augment_reference(x, q)).abs()
+    assert (d > 1e-2).float().mean() < 1e-4 and d.max() < 1.01  # a value exactly at solarize's threshold may flip (by 1 / 255)
+    f = torch.rand(8) - 0.5  # hue alone, the whole range
+    y = torch.rand(8, 3, 9, 9)
+    assert torch.allclose(data.adjust_hue(y, f), torch.stack([TF.adjust_hue(y[i], f[i].item()) for i in range(8)]), atol=1e-5)
+
+
+def test_three_augment_draws():
+    # DeiT III / LUT: ColorJitter(0.4, 0.4, 0.2, 0.1) on 80 %, in a random order; then one of grey / solarize / blur each a third
+    q = data.three_augment_params(20000)
+    f, on = q["factors"], (q["factors"] != torch.tensor([1.0, 1, 1, 0])).any(1)
+    assert abs(on.float().mean() - 0.8) < 0.015 and abs(q["pick"].bincount(minlength=3).float() / 20000 - 1 / 3).max() < 0.015
+    lo, hi = f[on].amin(0), f[on].amax(0)
+    assert torch.allclose(lo, torch.tensor([0.6, 0.6, 0.8, -0.1]), atol=1e-3) and torch.allclose(hi, torch.tensor([1.4, 1.4, 1.2, 0.1]), atol=1e-3)
+    assert torch.equal(q["order"].sort(1).values, torch.arange(4).expand(20000, 4))  # a permutation per sample
+    assert (q["order"][:, 0].bincount(minlength=4).float() / 20000 - 0.25).abs().max() < 0.015
+    assert q["sigma"].min() >= 0.1 and q["sigma"].max() <= 2.0 and abs(q["sigma"].mean() - 1.05) < 0.02
+    x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    torch.manual_seed(1)
+    a = data.three_augment(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, data.three_augment(x)) and not torch.equal(a, data.three_augment(x))  # seeded by the step's seed
+
+
+def test_prefetch_same_batches_same_order():
+    batches = [(torch.randn(2, 3), [torch.arange(2), torch.ones(1)]) for _ in range(5)]
+    for n in (0, 1, 5):
+        out = list(data.prefetch(batches[:n], torch.device("cpu")))
+        assert len(out) == n and all(torch.equal(a[0], b[0]) and torch.equal(a[1][0], b[1][0]) for a, b in zip(out, batches))
+    ds = data.Seeded(data.DemoShapes("train", size=24), T.Compose([data.crop_flip(32), data.to_uint8()]))
+    dl = data.loader(ds, batch_size=4, workers=0)
+    plain = [b for _, _, bs in data.train_steps(dl, 2, 1) for b in bs]
+    fetched = [b for _, _, bs in data.train_steps(dl, 2, 1, device=torch.device("cpu")) for b in bs]
+    assert len(plain) == len(fetched) == 12 and all(torch.equal(a[0], b[0]) for a, b in zip(plain, fetched))
+
+
+def test_persistent_workers_draw_each_epoch_and_resume():
+    # the workers persist across epochs: each epoch must still get its own crops, equal to the in-process loader's
+    ds = data.Seeded(data.DemoShapes("train", size=24), T.Compose([data.crop_flip(32), data.to_uint8()]))
+    ref = [x for _, _, bs in data.train_steps(data.loader(ds, 4, workers=0), 3, 1) for x, _ in bs]
+    dl = data.loader(ds, 4, workers=2)
+    assert dl.persistent_workers
+    got = [x for _, _, bs in data.train_steps(dl, 3, 1) for x, _ in bs]
+    assert len(got) == 18 and all(torch.equal(a, b) for a, b in zip(ref, got))
+    resumed = [x for _, _, bs in data.train_steps(dl, 3, 1, start=8) for x, _ in bs]  # mid-epoch 1, same workers
+    assert len(resumed) == 10 and all(torch.equal(a, b) for a, b in zip(ref[8:], resumed))

@@ -201,13 +201,29 @@ def test_lut_pooled_vectors_exclude_cls():
     assert torch.allclose(a, m.target(view), atol=1e-5)
 
 
-def test_lut_context_view_augmented_reconstruction_view_not():
-    v = lut.Views(32, "src", two=True)
-    assert [type(t).__name__ for t in v.recon.transforms] == ["Compose", "Compose"]  # SRC, to uint8: no jitter
-    jitter, choice = v.context.transforms[1].transforms
-    cj = jitter.transforms[0]
-    assert jitter.p == 0.8 and (cj.brightness, cj.contrast, cj.saturation, cj.hue) == ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
-    assert [type(t).__name__ for t in choice.transforms] == ["Grayscale", "RandomSolarize", "GaussianBlur"]
+def test_lut_views_crop_one_resize_and_leave_colour_to_the_device():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 52, 3), dtype=np.uint8))
+    for seed in range(3):
+        torch.manual_seed(seed)
+        recon, ctx = lut.Views(32, "src", two=True)(img)
+        torch.manual_seed(seed)
+        r = data.src_resize(img, 32)  # resized once; two SRC crops of it, in this order; no colour change in the worker
+        assert torch.equal(recon, data.src_crop(r, 32)) and torch.equal(ctx, data.src_crop(r, 32))
+    recon, ctx = lut.Views(32, "src", two=True, in_chans=1)(img)
+    assert recon.shape == (1, 32, 32) and ctx.shape == (3, 32, 32)  # the context turns grey after its colour jitter
+    assert len(lut.Views(32, "rrc", two=False)(img)) == 1
+
+
+def test_lut_step_augments_the_context_view_only(tmp_path, monkeypatch):
+    aug, fwd, outs, seen = data.three_augment, lut.LUT.forward, [], []
+    monkeypatch.setattr(data, "three_augment", lambda x, params=None: outs.append((x, aug(x, params))) or outs[-1][1])
+    monkeypatch.setattr(lut.LUT, "forward", lambda self, img, ctx=None: seen.append((img, ctx)) or fwd(self, img, ctx))
+    lut.main(["--out", str(tmp_path), "--img-size", "32", "--batch-size", "4", "--head-hidden", "64", "--workers", "0",
+              "--max-steps", "1", "--no-online-probe"])
+    (raw, augmented), (img, ctx) = outs[0], seen[0]
+    assert len(outs) == 1 and raw.dtype == torch.uint8 and torch.equal(ctx, data.normalize_batch(augmented))
+    pixels = (img * torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)) * 255
+    assert torch.allclose(pixels, pixels.round(), atol=1e-3)  # the reconstruction view: raw uint8 pixels, no jitter or blur
 
 
 def test_semanticmim_mask_tokens_carry_their_patch_positions(monkeypatch):

@@ -4,9 +4,13 @@ import os
 import subprocess
 import sys
 
+import cv2
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import data
 import lut
 import vit
 
@@ -182,3 +186,30 @@ def test_nonfinite_loss_stops_without_saving(tmp_path, monkeypatch):
         run(tmp_path, "--max-steps", "2")
     after = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert after["step"] == 2 and all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+
+
+def test_device_decode_gives_the_worker_crops(tmp_path):
+    # --decode device: the workers ship bytes and the crops' draws; decode_views (CPU here, nvJPEG on a GPU) must give
+    # the worker path's views: exactly where no resize is involved, to resampling error where one is
+    rng, d = np.random.default_rng(0), tmp_path / "imgs"
+    d.mkdir()
+    smooth = lambda h, w: Image.fromarray(cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3)).astype(np.uint8), (0, 0), 2))
+    smooth(32, 44).save(d / "a.JPEG", quality=90)  # shorter side = the crop: SRC does not resize
+    smooth(44, 32).convert("L").save(d / "b.JPEG")  # grey
+    smooth(40, 56).save(d / "c.JPEG", format="PNG")  # a PNG under a .JPEG name: re-encoded in the worker
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: decode_jpeg applies EXIF on the CPU only, so re-encoded upright
+    smooth(40, 64).save(d / "d.JPEG", exif=exif)
+    (d / "e.JPEG").write_bytes((d / "a.JPEG").read_bytes()[:600])  # truncated: skipped, the next file stands in
+    worker, device = data.ImageFiles(str(d)), data.ImageFiles(str(d))
+    device.encoded = True
+    for crop, exact in (("src", 2), ("rrc", 0)):
+        a, b = data.Seeded(worker, lut.Views(32, crop)), data.Seeded(device, lut.Views(32, crop))
+        for epoch in range(3):
+            views = data.decode_views(data.collate([b[(epoch, i)] for i in range(5)])[0], torch.device("cpu"))
+            for v in range(2):
+                ref = torch.stack([a[(epoch, i)][0][v] for i in range(5)])
+                assert views[v].shape == ref.shape == (5, 3, 32, 32)
+                assert torch.equal(views[v][:exact], ref[:exact]), (crop, epoch, v)  # a and b: the same pixels
+                assert (views[v].float() - ref.float()).abs().mean() < 2.5, (crop, epoch, v)  # bicubic, q95 re-encode
+    assert worker.skipped >= 1 and device.skipped >= 1

@@ -39,7 +39,7 @@ def test_pretrained_checkpoint_probes(tmp_path, script, flags, prefix):
 def test_grayscale_non_square_pretrains_and_probes(tmp_path, monkeypatch, script):
     # USER-NEEDS (mae#179, vit-pytorch#187): --in-chans 1 and a non-square input, end to end. 8 images: one step
     # is an epoch, so each script's figure is drawn too; the probe runs KAMIM's protocol (MixUp / CutMix on)
-    monkeypatch.setattr(data, "dataset", lambda d, split, labelled=False, classes=None: data.DemoShapes(split, 8 if split == "train" else 12))
+    monkeypatch.setattr(data, "dataset", lambda d, split, labelled=False, classes=None, encoded=False: data.DemoShapes(split, 8 if split == "train" else 12, encoded=encoded))
     size = ["--in-chans", "1", "--img-size", "32x48", "--workers", "0"]
     script.main(size + ["--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--out", str(tmp_path / "pre")])
     assert any(p.suffix == ".png" for p in (tmp_path / "pre").iterdir())

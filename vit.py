@@ -57,9 +57,8 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention. Self-attention by default; cross-attention when `context` is given
-    (queries from x, keys and values from context: SemanticMIM eq. 4). qkv is one Linear (timm layout);
-    for cross-attention its q rows are applied to x and its k, v rows to the context."""
+    """Multi-head attention: self-attention, or with `context` (B, M, D) cross-attention (SemanticMIM eq. 4):
+    queries from x through qkv's q rows, keys and values from the context through its k, v rows (one Linear: timm)."""
     def __init__(self, dim, heads, qkv_bias=True):
         super().__init__()
         assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
@@ -98,10 +97,11 @@ class Block(nn.Module):
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, context=None, return_attn=False):
-        """context: None for self-attention, else the keys/values (B, M, D) of cross-attention (norm1 applies to them too)."""
-        ctx = None if context is None else self.norm1(context)
-        a, attn = self.attn(self.norm1(x), ctx, return_attn=True) if return_attn else (self.attn(self.norm1(x), ctx), None)
+    def forward(self, x, kv_prefix=None, return_attn=False):
+        """kv_prefix (B, M, D): cross-attention, queries x, keys/values [kv_prefix, x] (SemanticMIM eq. 4); None: self-attention."""
+        y = self.norm1(x if kv_prefix is None else torch.cat([kv_prefix, x], 1))  # (B, M + N, D): x's rows normalised once
+        q, ctx = (y, None) if kv_prefix is None else (y[:, kv_prefix.shape[1]:], y)
+        a, attn = self.attn(q, ctx, return_attn=True) if return_attn else (self.attn(q, ctx), None)
         x = x + self.drop_path(a)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return (x, attn) if return_attn else x

@@ -1,11 +1,13 @@
 """semanticmim.py: HOG, information flow of eqs. 2-4, the loss, App. C's FLOP claims, training, resume, torchrun."""
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -45,6 +47,35 @@ def test_hog_edges_bins_and_layout():
     assert S.hog(torch.randn(1, 3, 32, 32), window=16).shape == (1, 3, 9, 4, 4)
     m = small()
     assert m.head.out_features == 27 and small(target="pixels").head.out_features == 192
+
+
+def hog_reference(img, bins=9, cell=8, window=0):
+    """hog() before issue 17: every vote in a (B, C, bins, H, W) tensor, summed per cell by average pooling."""
+    B, C, H, W = img.shape
+    d = torch.arange(-1.0, 2.0, device=img.device, dtype=img.dtype)
+    sobel = (2 - d.abs())[:, None] * -d
+    x = F.pad(img, (1, 1, 1, 1), mode="reflect")
+    gx = F.conv2d(x, sobel.expand(C, 1, 3, 3), groups=C)
+    gy = F.conv2d(x, sobel.t().expand(C, 1, 3, 3), groups=C)
+    mag = torch.sqrt(gx ** 2 + gy ** 2)
+    if window:
+        g = torch.signal.windows.gaussian(window, std=window / 2, device=img.device)
+        mag = mag * (g[:, None] * g[None]).repeat(H // window, W // window)
+    b = (torch.atan2(gx, gy) / math.pi * bins).floor().long() % bins
+    votes = mag.new_zeros(B, C, bins, H, W).scatter_add_(2, b[:, :, None], mag[:, :, None])
+    cells = F.avg_pool2d(votes.flatten(1, 2), cell) * cell ** 2
+    return F.normalize(cells.view(B, C, bins, H // cell, W // cell), dim=2)
+
+
+def test_hog_scatters_into_cells_as_the_vote_tensor_did():
+    g = torch.Generator().manual_seed(0)
+    # (H, W), bins, cell, window; 36 x 44 has a ragged edge, which both drop
+    for (H, W), bins, cell, window in [((16, 16), 9, 8, 0), ((32, 48), 9, 8, 0), ((32, 48), 9, 8, 16), ((48, 32), 6, 4, 8),
+                                       ((36, 44), 12, 8, 4), ((224, 224), 9, 8, 0)]:
+        img = torch.randn(2, 3, H, W, generator=g)
+        new, ref = S.hog(img, bins, cell, window), hog_reference(img, bins, cell, window)
+        assert new.shape == ref.shape == (2, 3, bins, H // cell, W // cell) and new.is_contiguous()
+        assert torch.allclose(new, ref, rtol=0, atol=1e-6), (H, W, bins, cell, window, (new - ref).abs().max())
 
 
 def test_information_flow_eqs_3_4():

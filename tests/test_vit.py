@@ -78,8 +78,34 @@ def test_block_macs_formula_and_counter():
         blk(x)
     assert fc.get_total_flops() == 3 * 2 * vit.block_macs(10, 64)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        blk(x, context=ctx)
-    assert fc.get_total_flops() == 3 * 2 * vit.block_macs(10, 64, Lkv=7)
+        blk(x, kv_prefix=ctx)
+    assert fc.get_total_flops() == 3 * 2 * vit.block_macs(10, 64, Lkv=7 + 10)
+
+
+def test_block_kv_prefix_normalises_once_as_the_two_norm_call():
+    # SemanticMIM eq. 4: keys / values [prefix, x]. Issue 17: the call was Block(x, context=cat([prefix, x])),
+    # which ran norm1 on x's rows twice; now once, on cat([prefix, x]), with the same outputs and gradients
+    torch.manual_seed(0)
+    blk = vit.Block(64, 4)
+    with torch.no_grad():
+        [p.normal_() for p in blk.norm1.parameters()]  # not LayerNorm's identity init: its gradients must match too
+    x, pre = torch.randn(3, 10, 64, requires_grad=True), torch.randn(3, 7, 64, requires_grad=True)
+
+    def two_norms(x, pre):  # the old Block.forward with context=cat([pre, x])
+        x = x + blk.attn(blk.norm1(x), blk.norm1(torch.cat([pre, x], 1)))
+        return x + blk.mlp(blk.norm2(x))
+    seen = []
+    blk.norm1.register_forward_hook(lambda mod, i, o: seen.append(tuple(i[0].shape)))
+    out, w = blk(x, kv_prefix=pre), torch.randn(3, 10, 64)
+    assert seen == [(3, 17, 64)]  # one norm1 call, over the 7 + 10 rows
+    ref = two_norms(x, pre)
+    assert torch.allclose(out, ref, atol=1e-5)
+    wrt = [x, pre, *blk.parameters()]
+    for g, g_ref in zip(torch.autograd.grad((out * w).sum(), wrt), torch.autograd.grad((ref * w).sum(), wrt)):
+        assert torch.allclose(g, g_ref, atol=1e-4)
+    y, a = blk(x, kv_prefix=pre, return_attn=True)
+    assert torch.allclose(y, out, atol=1e-5) and a.shape == (3, 4, 10, 17)
+    assert torch.allclose(blk(x, kv_prefix=pre[:, :0]), two_norms(x, pre[:, :0]), atol=1e-5)  # no prefix: x on itself
 
 
 def test_forward_flops_match_counter_and_issue_figures():

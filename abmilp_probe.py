@@ -13,6 +13,7 @@ writes the four per-block statistics of §4 instead of training.
 import argparse
 import contextlib
 import json
+import math
 import os
 import time
 
@@ -140,8 +141,8 @@ class Probe(nn.Module):
         return {"mean": cls.mean(1), "first": cls[:, 0], "concat": cls.flatten(1)}[self.proxy_pool], None
 
     def logits(self, x):
-        """Images (B, C, H, W) or cached tokens (B, P + N, D) -> (B, K)."""
-        tokens = self.features(x) if x.ndim == 4 else x
+        """Normalised images (B, C, H, W) or cached tokens (B, P + N or P + 1, D; bf16) -> (B, K)."""
+        tokens = self.features(x) if x.ndim == 4 else x.float()
         return self.fc(self.bn(self.pooled(tokens)[0].float()))
 
     def forward(self, x, y):
@@ -172,12 +173,21 @@ def build_encoder(name, img_size, checkpoint=None, in_chans=3):
 def transforms(img_size, protocol="mae", mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD):
     """MAE's probe: train RandomResizedCrop scale (0.08, 1) bicubic + flip; val resize 256/224 x, centre crop.
     KAMIM's (App. A, its fine-tuning augmentation): resize to img x img, TrivialAugmentWide, RandomErasing p 0.5;
-    val resize to img x img. Its MixUp / CutMix acts on whole batches: mix_batch."""
+    val resize to img x img. Its MixUp / CutMix acts on whole batches: mix_batch. Out: uint8 (C, H, W), normalised
+    on the device by `normalized` (a quarter of the bytes to pin and copy), except KAMIM's train view: RandomErasing
+    erases in normalised space (to 0, the mean colour) with the worker's seeded draws, so it stays float from there."""
+    u8, size = data.to_uint8(len(mean)), data.image_size(img_size)
     if protocol != "kamim":
-        return T.Compose([data.crop_flip(img_size), data.normalize(mean, std)]), data.center_crop(img_size, mean, std)
-    resize = T.Resize(data.image_size(img_size), interpolation=T.InterpolationMode.BICUBIC)
+        return T.Compose([data.crop_flip(img_size), u8]), data.center_crop(img_size, mean, std, uint8=True)
+    resize = T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)
     return (T.Compose([resize, T.TrivialAugmentWide(), data.normalize(mean, std), T.RandomErasing(p=0.5)]),
-            T.Compose([resize, data.normalize(mean, std)]))
+            T.Compose([resize, u8]))
+
+
+def normalized(x, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD):
+    """A batch as the encoder takes it: uint8 images (B, C, H, W) normalised on their device; float images and cached
+    tokens as they are."""
+    return data.normalize_batch(x, mean, std) if x.dtype == torch.uint8 else x
 
 
 def mix_batch(num_classes):
@@ -186,32 +196,123 @@ def mix_batch(num_classes):
     return v2.RandomChoice([v2.MixUp(alpha=1.0, num_classes=num_classes), v2.CutMix(alpha=1.0, num_classes=num_classes)])
 
 
+# ---- the feature cache (--cache-features): each rank holds the frozen tokens of its own images ----
+
+def cache_bytes(n, rows, D):
+    """A bf16 cache of n images x rows tokens x D. ImageNet train at ViT-B: all 197 tokens 361 GiB; condensed
+    (2 rows: [cls], patch mean) 3.7 GiB."""
+    return n * rows * D * 2
+
+
+def memory_budget(device):
+    """Bytes a cache may take in memory: 4/5 of the GPU's free memory (the rest for the head's step), or on the CPU
+    half the host's RAM over its processes. ImageNet's tokens at vit_b on 8 GPUs: 45 GiB each."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] * 4 // 5
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2 // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def mapped(path, shape):
+    """An empty bf16 tensor memory-mapped from a new (sparse) file, unlinked at once: the mapping keeps it until the
+    process ends, even a killed one, and nothing is left under --out."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    t = torch.from_file(path, shared=True, size=math.prod(shape), dtype=torch.bfloat16).view(shape)
+    os.remove(path)
+    return t
+
+
 @torch.no_grad()
-def cache_features(model, ds, img_size, batch, device, protocol="mae", mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD):
-    """The frozen tokens of every image once (centre crop, NO augmentation), for small datasets and sweeps:
-    (n, P + N, D) float32 in host memory, computed in full on every rank."""
-    dl = torch.utils.data.DataLoader(data.Seeded(ds, transforms(img_size, protocol, mean, std)[1]), batch, num_workers=0)
-    toks, labels = [], []
+def cache_features(model, dl, tokens, labels, device, mean, std, condensed=False):
+    """Fill this rank's shard: tokens (n_r, P + N, D) bf16 with the frozen tokens of dl's images, or condensed
+    (n_r, P + 1, D): the prefix tokens and the patch tokens' mean, all that cls / avg / kNN read; labels (n_r,).
+    dl: data.loader(train=False), whose position k on rank r is image k * world + r; the sampler's padding (the
+    last position, k * world + r >= n) is cut: each image once over the ranks."""
+    P, k = model.encoder.num_prefix, 0
     for x, y in dl:
+        b = min(len(y), len(tokens) - k)
+        if b <= 0:
+            break
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            toks.append(model.features(x.to(device)).float().cpu())
-        labels.append(y)
-    toks = torch.cat(toks)
-    print(f"cached {tuple(toks.shape)} tokens: {toks.numel() * 4 / 2**30:.2f} GiB in host memory", flush=True)
-    return torch.utils.data.TensorDataset(toks, torch.cat(labels))
+            t = model.features(normalized(x[:b].to(device), mean, std)).float()  # (b, P + N, D)
+        t = torch.cat([t[:, :P], t[:, P:].mean(1, keepdim=True)], 1) if condensed else t  # (b, P + 1, D)
+        tokens[k:k + b], labels[k:k + b] = t.to(tokens.device, torch.bfloat16), y[:b]
+        k += b
+    return tokens, labels
+
+
+def cached(args, model, ds, split, cache, device):
+    """cache[split] = (tokens, labels), this rank's shard (images r, r + world, ...) built on first use through the
+    val transform by the loader's workers; its size is printed first. On the device if it fits in --cache-gib (default
+    memory_budget), else memory-mapped. cache["condensed"] (P + 1 rows, not P + N): main's, or this probe's need."""
+    if split in cache:
+        return cache[split]
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if world > 1:  # a random init differs per rank (seed + rank); DDP broadcasts rank 0's, but only after this
+        for t in model.encoder.state_dict().values():
+            dist.broadcast(t, 0)
+    enc, n, condensed = model.encoder, len(ds), cache.setdefault("condensed", args.pool != "abmilp")
+    if condensed and args.pool == "abmilp":
+        raise ValueError("AbMILP reads every patch token: its cache cannot be condensed")
+    shape = (len(range(rank, n, world)), enc.num_prefix + (1 if condensed else enc.grid[0] * enc.grid[1]), enc.dim)
+    fits = cache_bytes(*shape) <= (memory_budget(device) if args.cache_gib is None else args.cache_gib * 2**30)
+    path = os.path.join(args.out, f"cache_{split}.rank{rank}.bin")
+    if rank == 0:
+        print(f"caching {split}: {n:,} images x {shape[1]} x {shape[2]} bf16 {'condensed ' if condensed else ''}tokens = "
+              f"{cache_bytes(n, *shape[1:]) / 2**30:.2f} GiB, {cache_bytes(*shape) / 2**30:.2f} GiB per process, "
+              f"{'on ' + str(device) if fits else 'memory-mapped from ' + path}", flush=True)
+    tokens = torch.empty(shape, dtype=torch.bfloat16, device=device) if fits else mapped(path, shape)
+    labels = torch.empty(shape[0], dtype=torch.int64, device=tokens.device)
+    dl = data.loader(data.Seeded(ds, transforms(args.img_size, args.protocol, args.mean, args.std)[1]), args.micro_batch,
+                     train=False, workers=args.workers)
+    data.set_epoch(dl, 0)
+    cache[split] = cache_features(model, dl, tokens, labels, device, args.mean, args.std, condensed)
+    return cache[split]
+
+
+def cache_steps(tokens, labels, micro, accum, per_epoch, epochs, start=0, seed=0):
+    """data.train_steps over a cache shard, with no loader and no collate: each epoch one randperm of this rank's
+    rows, seeded by (seed, epoch, rank), cut into micro-batches that index the cache where it lives; resumed at step
+    `start`, the same batches (drawn on the CPU: the same wherever the cache lives; ~50 ms an epoch for ImageNet).
+    Yields (epoch, step, accum x (tokens (micro, T, D), labels (micro,)), indexed as they are used)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    for epoch in range(start // per_epoch, epochs):
+        g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_007 + rank)
+        perm = torch.randperm(len(tokens), generator=g).to(tokens.device)
+        for step in range(max(start, epoch * per_epoch), (epoch + 1) * per_epoch):
+            j = (step - epoch * per_epoch) * accum * micro
+            yield epoch, step, ((tokens[i], labels[i]) for i in perm[j:j + accum * micro].split(micro))
+
+
+def shard_batches(tokens, labels, micro):
+    """A cache shard as evaluate's and knn's batches: micro-batch views in order (evaluate counts position k of
+    rank r as image k * world + r, as the shard holds it)."""
+    return [(tokens[i:i + micro], labels[i:i + micro]) for i in range(0, len(tokens), micro)]
+
+
+def gather(x, n):
+    """This rank's share (position k = image k * world + r; loader-padded, or a cache shard one shorter) -> all n
+    rows in dataset order on every rank: padded to the longest share, all_gather, interleaved, the padding cut."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        return x[:n]
+    x = torch.cat([x, x.new_zeros(-(-n // world) - len(x), *x.shape[1:])])
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x)
+    return torch.stack(parts, 1).flatten(0, 1)[:n]
 
 
 @torch.no_grad()
-def evaluate(model, dl, device):
+def evaluate(model, dl, device, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD, n=None):
     """Top-1 / top-5 (%) and the image count over the whole val set via model.logits (the probe's and finetune.py's),
     each image counted once: the DistributedSampler pads every rank to the same length with repeats; position k of
-    rank r's share is image k * world + r, so the padding is k * world + r >= n."""
+    rank r's share is image k * world + r, so the padding is k * world + r >= n. dl: an image loader (uint8 images
+    normalised here with mean / std), or with n (the val set's size) a list of batches of this rank's cache shard."""
     model.eval()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    n, k = len(dl.dataset), 0
+    n, k = len(dl.dataset) if n is None else n, 0
     c = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
     for x, y in dl:
-        x, y = x.to(device), y.to(device)
+        x, y = normalized(x.to(device), mean, std), y.to(device)
         real = (torch.arange(k, k + len(y), device=device) * world + rank) < n
         k += len(y)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
@@ -250,21 +351,21 @@ def train(args, cache=None):
     model = Probe(encoder, len(train_ds.classes), args.pool, args.block, args.final_norm, args.head_bn,
                   args.proxy_pool, args.abmilp_t).to(device)
     micro, accum = data.batch_split(args.batch_size, world, args.micro_batch)
+    per_epoch = len(train_ds) // world // micro // accum  # drop_last: every rank takes the smallest share's steps
+    if per_epoch == 0:
+        raise ValueError(f"{len(train_ds)} images give no full step of {accum} x {micro} per process")
     lr = args.lr * args.batch_size / args.ref_batch
     train_tf, val_tf = transforms(args.img_size, args.protocol, args.mean, args.std)
     mix = mix_batch(len(train_ds.classes)) if args.mix else None
-    if args.cache_features:
+    if args.cache_features:  # this rank's shard of each split, served by cache_steps and shard_batches
         cache = {} if cache is None else cache
-        for split, ds in (("train", train_ds), ("val", val_ds)):
-            if split not in cache:
-                cache[split] = cache_features(model, ds, args.img_size, micro, device, args.protocol, args.mean, args.std)
-        train_set, val_set, workers = cache["train"], cache["val"], 0
+        train_shard = cached(args, model, train_ds, "train", cache, device)
+        val_dl = shard_batches(*cached(args, model, val_ds, "val", cache, device), micro)
     else:
-        train_set, val_set, workers = data.Seeded(train_ds, train_tf, args.seed), data.Seeded(val_ds, val_tf), args.workers
-    dl = data.loader(train_set, micro, train=True, workers=workers, seed=args.seed)
-    val_dl = data.loader(val_set, micro, train=False, workers=workers)
-    data.set_epoch(val_dl, 0)
-    fig_imgs = torch.stack([data.Seeded(val_ds, val_tf)[i][0] for i in range(8)]).to(device)
+        dl = data.loader(data.Seeded(train_ds, train_tf, args.seed), micro, train=True, workers=args.workers, seed=args.seed)
+        val_dl = data.loader(data.Seeded(val_ds, val_tf), micro, train=False, workers=args.workers)
+        data.set_epoch(val_dl, 0)
+    fig_imgs = normalized(torch.stack([data.Seeded(val_ds, val_tf)[i][0] for i in range(8)]).to(device), args.mean, args.std)
     if args.compile:
         model.encoder = torch.compile(model.encoder)
     head = [p for p in model.parameters() if p.requires_grad]
@@ -282,7 +383,6 @@ def train(args, cache=None):
         opt.load_state_dict(ck["optimizer"])
         start = ck["step"]
         data.set_rng_state(ck["rng"], start)
-    per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
     flops = 0 if args.cache_features else vit.vit_forward_flops(encoder, upto=args.block)  # forward only: frozen
     if start and start >= total and rank == 0:
@@ -303,12 +403,14 @@ def train(args, cache=None):
             data.save_checkpoint(dict(model=model.head_state(), optimizer=opt.state_dict(), step=step + 1,
                                       rng=data.rng_state(), args=vars(args), result=result), args.out)
 
-    for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start):
+    steps = cache_steps(*train_shard, micro, accum, per_epoch, args.epochs, start, args.seed) if args.cache_features \
+        else data.train_steps(dl, args.epochs, accum, start, device=device)  # prefetched
+    for epoch, step, micro_batches in steps:
         lr_now = data.cosine(step, total, warmup, lr)  # per step: linear warmup from 0, half-cosine to 0
         for g in opt.param_groups:
             g["lr"] = lr_now
         for i, (x, y) in enumerate(micro_batches):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = normalized(x.to(device, non_blocking=True), args.mean, args.std), y.to(device, non_blocking=True)
             x, y = mix(x, y) if mix else (x, y)  # soft labels (B, K) after MixUp / CutMix
             sync = ddp.no_sync() if world > 1 and i < accum - 1 else contextlib.nullcontext()
             with sync:
@@ -331,7 +433,7 @@ def train(args, cache=None):
             n_img, t0, last_log = 0, time.time(), step + 1
         epoch_end = (step + 1) % per_epoch == 0
         if epoch_end or step + 1 == total or done == args.max_steps:
-            result = evaluate(model, val_dl, device)
+            result = evaluate(model, val_dl, device, args.mean, args.std, len(val_ds))
             if rank == 0:
                 data.report(dict(epoch=epoch, step=step + 1, pool=args.pool, top1=result[0], top5=result[1]), args.out)
                 save_scores(model, fig_imgs, os.path.join(args.out, f"scores_epoch{epoch:03d}.png"), args.mean, args.std)
@@ -340,7 +442,7 @@ def train(args, cache=None):
         if done == args.max_steps:
             break
     if result is None:  # nothing left to train (a finished run resumed): evaluate what was saved
-        result = evaluate(model, val_dl, device)
+        result = evaluate(model, val_dl, device, args.mean, args.std, len(val_ds))
     return result[:2]  # (top-1, top-5)
 
 
@@ -358,22 +460,19 @@ def knn(args, cache):
     for split in ("train", "val"):  # val numbered by train's class map
         ds = data.dataset(args.data, split, labelled=True, classes=feats.get("classes"))
         feats["classes"] = ds.classes
-        if args.cache_features and split not in cache:
-            cache[split] = cache_features(model, ds, args.img_size, args.micro_batch, device, args.protocol, args.mean, args.std)
-        dl = data.loader(cache[split] if args.cache_features else data.Seeded(ds, transforms(args.img_size, args.protocol,
-                         args.mean, args.std)[1]), args.micro_batch, train=False, workers=0 if args.cache_features else args.workers)
-        data.set_epoch(dl, 0)
+        if args.cache_features:
+            dl = shard_batches(*cached(args, model, ds, split, cache, device), args.micro_batch)
+        else:
+            dl = data.loader(data.Seeded(ds, transforms(args.img_size, args.protocol, args.mean, args.std)[1]),
+                             args.micro_batch, train=False, workers=args.workers)
+            data.set_epoch(dl, 0)
         f, y = [], []
         for x, label in dl:
+            x = normalized(x.to(device), args.mean, args.std)
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                t = model.features(x.to(device)) if x.ndim == 4 else x.to(device)  # (B, P + N, D)
+                t = model.features(x) if x.ndim == 4 else x.float()  # (B, P + N, D), or (B, P + 1, D) condensed
             f.append(torch.stack([t[:, :P].mean(1), t[:, P:].mean(1)], 1).half()), y.append(label.to(device))  # (B, 2, D)
-        f, y = torch.cat(f), torch.cat(y)
-        if world > 1:  # the sampler deals index i to rank i % world (padded to equal shares): interleave, cut the padding
-            parts = [[torch.empty_like(t) for _ in range(world)] for t in (f, y)]
-            dist.all_gather(parts[0], f), dist.all_gather(parts[1], y)
-            f, y = (torch.stack(p, 1).flatten(0, 1)[:len(ds)] for p in parts)  # (n, 2, D), (n,) in dataset order
-        feats[split] = (f, y)
+        feats[split] = gather(torch.cat(f), len(ds)), gather(torch.cat(y), len(ds))  # (n, 2, D), (n,) in dataset order
     (bank, bank_y), (val, val_y) = feats["train"], feats["val"]
     results = {}
     for j, name in enumerate(("knn_cls", "knn_avg")):
@@ -403,7 +502,7 @@ def attention_statistics(args):
     sums, n = torch.zeros(len(enc.blocks), 4, device=device), torch.zeros((), device=device)
     for img, _ in dl:
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            x = enc.prefix(enc.embed(img.to(device)) + enc.pos_embed)
+            x = enc.prefix(enc.embed(normalized(img.to(device), args.mean, args.std)) + enc.pos_embed)
             for i, blk in enumerate(enc.blocks):  # one block at a time: all maps at once would not fit at ViT-B
                 x, attn = blk(x, return_attn=True)  # attn (B, h, P + N, P + N), fp32 softmax
                 sums[i] += attention_stats(attn, enc.num_prefix).sum(0)
@@ -476,8 +575,11 @@ def parse_args(argv=None):
     a("--mean", type=float, nargs="+", help="normalisation mean per channel, as in pretraining (default ImageNet's)")
     a("--std", type=float, nargs="+", help="normalisation std per channel, as in pretraining (default ImageNet's)")
     a("--mix", action=argparse.BooleanOptionalAction, help="MixUp or CutMix per batch, alpha 1 (kamim preset; no cache)")
-    a("--cache-features", action=argparse.BooleanOptionalAction, help="compute the frozen tokens once (centre crop, "
-      "no augmentation) and train on them: fast for small data and sweeps, held in memory (on in the demo)")
+    a("--cache-features", action=argparse.BooleanOptionalAction, help="compute the frozen tokens of --block once "
+      "(centre crop, no augmentation; bf16; each rank its own images) and train on them: fast for sweeps (on in the demo). "
+      "Without an abmilp pool only [cls] and the patch mean are kept (ImageNet at vit_b: 3.7 GiB, not 361)")
+    a("--cache-gib", type=float, help="most GiB of cache per split and process held in memory (the GPU's on CUDA); a "
+      "larger one is memory-mapped from a file under --out (default: 4/5 of the free GPU memory, half the host's RAM)")
     a("--attention-stats", action="store_true", help="§4: write the per-block attention statistics over val, no probe")
     a("--out", help="output folder (checkpoint.pt, log.jsonl, figures; --pool all: one sub-folder each); default "
       "runs/abmilp_probe/NAME, NAME the checkpoint's folder (runs/kamim/checkpoint.pt -> kamim) or random_init")
@@ -524,6 +626,8 @@ def parse_args(argv=None):
         name = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint))) if args.checkpoint and \
             os.path.basename(args.checkpoint) == "checkpoint.pt" else os.path.splitext(os.path.basename(args.checkpoint or "random_init"))[0]
         args.out = os.path.join("runs", "abmilp_probe", name)
+    if args.cache_gib is not None and args.cache_gib < 0:
+        p.error("--cache-gib must be >= 0 (0: always memory-mapped)")
     if args.lr <= 0 or args.knn_t <= 0 or not 0 <= args.warmup_epochs < args.epochs:
         p.error("--lr and --knn-t must be > 0 and --warmup-epochs in [0, --epochs)")
     return args
@@ -535,7 +639,7 @@ def main(argv=None):
     if args.attention_stats:
         return attention_statistics(args)
     pools = ["cls", "avg", "abmilp", "knn"] if args.pool == "all" else [args.pool]
-    cache, results = {}, {}
+    cache, results = {"condensed": "abmilp" not in pools}, {}  # one cache for every pool: all tokens if AbMILP needs them
     for pool in pools:
         ns = argparse.Namespace(**{**vars(args), "pool": pool, "out": os.path.join(args.out, pool) if len(pools) > 1 else args.out})
         results.update(knn(ns, cache) if pool == "knn" else {pool: train(ns, cache)})

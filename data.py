@@ -319,12 +319,12 @@ def crop_flip(img_size=224, scale=(0.08, 1.0)):
                       T.RandomHorizontalFlip()])
 
 
-def center_crop(img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+def center_crop(img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, uint8=False):
     """Evaluation: resize to img_size * 256 / 224 (bicubic; the longer side of a non-square size), centre crop
-    img_size -> normalised tensor."""
+    img_size -> normalised tensor, or with uint8 the uint8 tensor (normalize_batch finishes on the device)."""
     size = image_size(img_size)
     return T.Compose([T.Resize(int(max(size) * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(size), normalize(mean, std)])
+                      T.CenterCrop(size), to_uint8(len(mean)) if uint8 else normalize(mean, std)])
 
 
 # ---- optional GPU JPEG decode (--decode device): the worker reads the file and draws the crop, the device decodes ----
@@ -371,8 +371,8 @@ def src_spec(jpeg, img_size, padding=4):
 
 
 class JpegBatch(list):
-    """The Jpegs of a batch: collate keeps them a list on the host (decode_jpeg takes host bytes); not a tuple, so
-    to_device leaves it alone."""
+    """The Jpegs of a batch: collate keeps them a list on the host (decode_jpeg takes host bytes); to_device rebuilds
+    it as a JpegBatch and moves nothing (a Jpeg is not a tensor)."""
 
 
 def collate(samples):
@@ -524,32 +524,37 @@ def to_device(batch, device, non_blocking=True):
 
 
 def prefetch(batches, device):
-    """Yield the batches of `batches` on `device`, one ahead: on CUDA the next batch's copy runs on a side stream while
-    the current one computes (pinned memory makes it asynchronous); the compute stream waits for it, and
-    record_stream keeps the allocator from reusing its memory while that stream still reads it. On the CPU
-    the same order and the same tensors, moved (a no-op there)."""
+    """Yield the batches of `batches` on `device`, one ahead: on CUDA batch n + 1's copy is queued on a side stream
+    (asynchronous from pinned memory) before batch n is handed out, so it overlaps batch n's compute; the compute
+    stream waits for batch n's copy alone (its event), and record_stream keeps the allocator from reusing the
+    memory while the compute stream still reads it. On the CPU the same batches in the same order, moved (a no-op)."""
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
-    load = lambda b: to_device(b, device) if side is None else _copy_on(side, b, device)
-    it, ahead = iter(batches), None
-    for b in it:
-        ahead, b = load(b), ahead
-        if b is not None:
-            yield _ready(b, side)
+    ahead = None
+    for b in batches:
+        b = _copy_on(side, b, device)
+        if ahead is not None:
+            yield _ready(*ahead)
+        ahead = b
     if ahead is not None:
-        yield _ready(ahead, side)
+        yield _ready(*ahead)
 
 
-def _copy_on(stream, batch, device):
-    with torch.cuda.stream(stream):
-        return to_device(batch, device)
+def _copy_on(side, batch, device):
+    """(batch on device, the event its copy completes at; None off CUDA)."""
+    if side is None:
+        return to_device(batch, device), None
+    with torch.cuda.stream(side):
+        batch, done = to_device(batch, device), torch.cuda.Event()
+        done.record(side)
+    return batch, done
 
 
-def _ready(batch, side):
-    """The compute stream waits for the side stream's copy; each tensor is marked as used by the compute stream."""
-    if side is not None:
-        torch.cuda.current_stream(side.device).wait_stream(side)
+def _ready(batch, done):
+    if done is not None:
+        compute = torch.cuda.current_stream()  # setup() made this rank's GPU the current device
+        compute.wait_event(done)
         for t in _tensors(batch):
-            t.record_stream(torch.cuda.current_stream(side.device))
+            t.record_stream(compute)
     return batch
 
 
@@ -655,7 +660,8 @@ def load_checkpoint(out_dir, name="checkpoint.pt"):
                          "start afresh, or give another --out") from None
 
 
-EXTENDING = ("epochs", "save_every", "log_every", "workers", "max_steps", "compile", "micro_batch", "out", "resume_anyway")
+EXTENDING = ("epochs", "save_every", "log_every", "workers", "max_steps", "compile", "micro_batch", "out", "resume_anyway",
+             "cache_gib")
 
 
 def check_resume(saved, args, path):

@@ -95,19 +95,37 @@ def worker_transforms():
             "probe train (224)": abmilp_probe.transforms(224)[0], "probe val (224)": abmilp_probe.transforms(224)[1]}
 
 
-def script_costs(base, n, rounds=3):
-    """Median ms per image of each script's whole worker transform, read + decode included, in this process."""
+def script_costs(base, n, rounds=3, device=torch.device("cpu")):
+    """Median ms per image of each script's whole worker transform, read + decode included, in this process. On
+    files (ImageFiles), also LUT's --decode device worker (read the bytes, draw the crops) and the device's part,
+    data.decode_views (batched decode_jpeg + crops, batch 32) per image on `device`."""
+    import lut
     data.worker_init(0)
-    tfs, ms = worker_transforms(), {}
-    for k in tfs:
-        ms[k] = []
+    tfs = worker_transforms()
+    encoded = isinstance(base, data.ImageFiles)
+    if encoded:
+        tfs["lut --decode device: worker"] = tfs["mae --decode device: worker"] = None
+    ms = {k: [] for k in tfs}
+    dv = f"lut --decode device: decode_views on {device.type}"
+    if encoded:
+        ms[dv] = []
     for r in range(rounds):
         for k, tf in tfs.items():
-            ds = data.Seeded(base, tf)
+            base.encoded = tf is None
+            ds = data.Seeded(base, tf or lut.Views(224, "src" if k.startswith("lut") else "rrc", k.startswith("lut")))
             t = time.perf_counter()
-            for i in range(n):
-                ds[i]
+            out = [ds[i] for i in range(n)]
             ms[k].append((time.perf_counter() - t) / n * 1e3)
+            if k.startswith("lut --decode"):
+                batches = [data.collate(out[i:i + 32])[0] for i in range(0, n - 31, 32)]
+                sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+                data.decode_views(batches[0], device), sync()  # warm-up (nvJPEG's first call sets it up)
+                t = time.perf_counter()
+                for b in batches:
+                    data.decode_views(b, device)
+                sync()
+                ms[dv].append((time.perf_counter() - t) / (32 * len(batches)) * 1e3)
+        base.encoded = False
     return {k: sorted(v)[len(v) // 2] for k, v in ms.items()}
 
 
@@ -136,6 +154,7 @@ def main():
                    "(500 x 375, noise sd 12, quality 90), then read them as --data DIR")
     p.add_argument("--scripts", action="store_true", help="time each script's worker transform instead (kamim, lut, mae, "
                    "semanticmim, probe) and the cores it needs at its 50 %%-MFU rate on one H100")
+    p.add_argument("--device", default="cpu", help="with --scripts on JPEG files: where LUT's --decode device decodes (cuda: nvJPEG)")
     args = p.parse_args()
     if args.write_jpegs:
         write_jpegs(os.path.join(args.write_jpegs, "train", "0"))
@@ -148,8 +167,9 @@ def main():
           f"mask cell {args.mask_patch}, {os.cpu_count()} CPUs")
     if args.scripts:
         print("per script (one process, read + decode included)   ms/img   cores for the 50 %-MFU rate")
-        for k, v in script_costs(base, min(len(base), 200)).items():
-            print(f"{k:<48} {v:>7.2f}   " + (f"{v * MFU50[k.split()[0]] / 1000:.1f}" if k.split()[0] in MFU50 else "-"), flush=True)
+        for k, v in script_costs(base, min(len(base), 200), device=torch.device(args.device)).items():
+            cores = "-" if "decode_views" in k else f"{v * MFU50[k.split()[0]] / 1000:.1f}"
+            print(f"{k:<48} {v:>7.2f}   {cores}", flush=True)
         return
     costs = stage_costs(base, kamim.KamimTransform(args.img_size, patch, args.mask_patch), args.detectors, min(len(base), 200))
     simmim = costs["read+decode+crop"] + costs["uint8 tensor+mask"]

@@ -6,9 +6,12 @@ paper's "0.46 s vs 0.39 s per iteration" (+18 %) does not match its own 119 h vs
     python benchmarks/bench_lut.py                                              # CPU, vit_demo at 64 px
     python benchmarks/bench_lut.py --model vit_b --img-size 224 --batch-size 256 --device cuda --compile
 """
+import time
+
 import torch
 
 import timing  # first: it puts the repository on the path
+import data  # noqa: E402
 import lut  # noqa: E402
 import vit  # noqa: E402
 
@@ -33,6 +36,17 @@ def main():
         return build
 
     timing.run([("MAE", case(0.0, False)), ("LUT", case(0.25, False)), ("LUT two-view", case(0.25, True))], args, device)
+    # LUT's context view: colour jitter + three-augment run per sample on the device (the step's share of the loader's work)
+    raw, ms = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device), []
+    for i in range(args.warmup + args.steps):
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        data.normalize_batch(data.three_augment(raw))
+        sync()
+        ms.append((time.perf_counter() - t) * 1e3)
+    print(f"context view's three_augment + normalise on the device: {sorted(ms[args.warmup:])[args.steps // 2]:.2f} ms "
+          f"per batch of {args.batch_size} (LUT's step above includes neither view's augmentation)")
 
 
 if __name__ == "__main__":

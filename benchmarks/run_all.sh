@@ -23,6 +23,7 @@ if [ "${1:-cpu}" = gpu ]; then
   if [ -n "${DATA:-}" ]; then
     $PY benchmarks/bench_data.py --data "$DATA" --workers 1 8 16 --images 8192
   fi
+  $PY benchmarks/bench_data.py --write-jpegs /tmp/jpegs --scripts --device cuda   # per-script worker ms/img, nvJPEG
 else
   $PY benchmarks/bench_knn.py
   for b in kamim lut semanticmim abmilp_probe finetune; do
@@ -30,4 +31,5 @@ else
     echo
   done
   $PY benchmarks/bench_data.py --workers 0 2 --images 256
+  $PY benchmarks/bench_data.py --write-jpegs /tmp/jpegs --scripts   # per-script worker ms/img on JPEGs, cores needed
 fi

@@ -135,9 +135,10 @@ def test_protocol_transforms():
     from PIL import Image
     img = Image.new("RGB", (400, 100), (0, 0, 255))
     img.paste((255, 0, 0), (0, 0, 100, 100))  # the left quarter red
-    red = lambda x: x[0, :, 0].mean() > 0  # the output's left column is red (normalised R > 0)
+    red = lambda x: ap.normalized(x[None])[0, 0, :, 0].mean() > 0  # the left column is red (normalised R > 0)
     (_, mae_val), (kamim_train, kamim_val) = ap.transforms(192), ap.transforms(192, "kamim")
     assert mae_val(img).shape == kamim_val(img).shape == kamim_train(img).shape == (3, 192, 192)
+    assert mae_val(img).dtype == kamim_val(img).dtype == torch.uint8 != kamim_train(img).dtype  # erasing: float
     assert red(kamim_val(img)) and not red(mae_val(img))  # KAMIM: resize to 192 x 192, no centre crop
 
 

@@ -224,16 +224,20 @@ def proxy_attention(encoder, img, upto=None):
 
 # ---- data hook ----
 
-def masked_view(img, crop, n_patches, n_mask):
+def masked_view(img, crop, n_patches, n_mask, size=224, scale=(0.5, 1.0)):
+    if isinstance(img, data.Jpeg):  # --decode device: crop_flip's draws, in its order; data.decode_views crops
+        img.views = [data.rrc_spec(img, size, scale)]
+        return img, random_patch_mask(n_patches, n_mask)
     return crop(img), random_patch_mask(n_patches, n_mask)
 
 
 def data_hook(args, model):
     """App. E, Table 2 (MaskFeat): random resized crop scale (0.5, 1), flip 0.5, no colour jitter; plus the
     per-image random mask, drawn here so each sample is a pure function of (seed, epoch, index)."""
-    enc = model.encoder
-    crop = T.Compose([data.crop_flip(args.img_size, (args.crop_min, 1.0)), data.to_uint8(args.in_chans)])  # uint8
-    return functools.partial(masked_view, crop=crop, n_patches=enc.grid[0] * enc.grid[1], n_mask=model.n_mask)
+    enc, scale = model.encoder, (args.crop_min, 1.0)
+    crop = T.Compose([data.crop_flip(args.img_size, scale), data.to_uint8(args.in_chans)])  # uint8
+    return functools.partial(masked_view, crop=crop, n_patches=enc.grid[0] * enc.grid[1], n_mask=model.n_mask,
+                             size=args.img_size, scale=scale)
 
 
 def save_figure(model, path, img, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD):
@@ -258,7 +262,7 @@ def train(args):
     lr = args.lr * args.batch_size / REF_BATCH
     model = SemanticMIM(args.model, args.img_size, args.proxies, args.mask_ratio, args.target, args.hog_bins,
                         args.hog_cell, args.hog_window, args.loss == "l1", args.drop_path, args.in_chans).to(device)
-    ds = data.Seeded(data.dataset(args.data, "train"), data_hook(args, model), args.seed)
+    ds = data.Seeded(data.dataset(args.data, "train", encoded=args.decode == "device"), data_hook(args, model), args.seed)
     dl = data.loader(ds, micro, workers=args.workers, seed=args.seed)
     probe, held = online_probe.online_probe(args, model.encoder, ds.base, device)  # (None, None) without labels
     per_epoch = len(dl) // accum
@@ -280,13 +284,17 @@ def train(args):
         data.log_json(os.path.join(args.out, "log.jsonl"), data.run_info(args, device))
     net = torch.compile(model) if args.compile else model  # compile the inner module, then DDP (torch docs)
     ddp = DDP(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 else net
-    fig_img = torch.stack([data.center_crop(args.img_size, args.mean, args.std)(ds.base[i][0]) for i in range(4)]).to(device)
+    figs = data.dataset(args.data, "train") if args.decode == "device" else ds.base  # PIL images
+    fig_img = torch.stack([data.center_crop(args.img_size, args.mean, args.std)(figs[i][0]) for i in range(4)]).to(device)
     running, n_log, t0 = torch.zeros((), device=device), 0, time.time()
     t_run, done = t0, start
     for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start, device=device):  # prefetched
         for g in opt.param_groups:
             g["lr"] = data.cosine(step, total, warmup, lr, args.min_lr)
         for i, ((img, mask), y) in enumerate(micro_batches):
+            if isinstance(img, data.JpegBatch):  # --decode device
+                img = data.decode_views(img, device)[0]
+                img = data.gray(img) if args.in_chans == 1 else img
             img = data.normalize_batch(img, args.mean, args.std)  # the loader ships uint8
             sync = world == 1 or i == accum - 1  # DDP all-reduces only on the last micro-batch
             with contextlib.nullcontext() if sync else ddp.no_sync():
@@ -366,6 +374,8 @@ def parse_args(argv=None):
     a("--hog-window", type=int, default=0, help="Gaussian window over the HOG magnitudes; 0 = none (SlowFast's MaskFeat default, the released code; the paper: none said)")
     a("--out", default="runs/semanticmim", help="output folder: log.jsonl, checkpoint.pt (auto-resumed), figures")
     a("--workers", type=int, default=None, help="data-loader workers per process (default 8; demo 1)")
+    a("--decode", default="worker", choices=["worker", "device"], help="JPEG decode: in the loader workers (PIL), or "
+      "batched on the training device (data.decode_views: nvJPEG on a GPU), the workers reading files, drawing crops")
     a("--seed", type=int, default=0, help="every crop, mask and batch order follows from (seed, epoch, index)")
     a("--log-every", type=int, default=50, help="optimiser steps between progress lines")
     a("--save-every", type=int, default=1000, help="optimiser steps between checkpoints (also at each epoch end)")

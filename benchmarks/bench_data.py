@@ -97,22 +97,22 @@ def worker_transforms():
 
 def script_costs(base, n, rounds=3, device=torch.device("cpu")):
     """Median ms per image of each script's whole worker transform, read + decode included, in this process. On
-    files (ImageFiles), also LUT's --decode device worker (read the bytes, draw the crops) and the device's part,
+    files (ImageFiles), also the --decode device workers (read the bytes, draw the crops) and the device's part,
     data.decode_views (batched decode_jpeg + crops, batch 32) per image on `device`."""
-    import lut
     data.worker_init(0)
     tfs = worker_transforms()
     encoded = isinstance(base, data.ImageFiles)
-    if encoded:
-        tfs["lut --decode device: worker"] = tfs["mae --decode device: worker"] = None
+    if encoded:  # the same transforms on Jpegs: they draw the crops, decode nothing
+        tfs.update({"lut --decode device: worker": tfs["lut (224, 2 views)"], "mae --decode device: worker":
+                    tfs["mae (224, --alpha 0)"], "semanticmim --decode device: worker": tfs["semanticmim (224)"]})
     ms = {k: [] for k in tfs}
     dv = f"lut --decode device: decode_views on {device.type}"
     if encoded:
         ms[dv] = []
     for r in range(rounds):
         for k, tf in tfs.items():
-            base.encoded = tf is None
-            ds = data.Seeded(base, tf or lut.Views(224, "src" if k.startswith("lut") else "rrc", k.startswith("lut")))
+            base.encoded = "--decode device" in k
+            ds = data.Seeded(base, tf)
             t = time.perf_counter()
             out = [ds[i] for i in range(n)]
             ms[k].append((time.perf_counter() - t) / n * 1e3)

@@ -66,7 +66,7 @@ def test_cached_resume_and_memory_map_are_exact(tmp_path, monkeypatch):
               "--workers", "0", "--epochs", "2"]
     ap.main(common + ["--max-steps", "8", "--out", str(tmp_path / "a")])
     ap.main(common + ["--max-steps", "5", "--out", str(tmp_path / "b")])  # stops mid-epoch 0 (6 steps / epoch)
-    ap.main(common + ["--max-steps", "3", "--out", str(tmp_path / "b")])
+    ap.main(common + ["--max-steps", "3", "--cache-gib", "0", "--out", str(tmp_path / "b")])  # resumed memory-mapped
     ap.main(common + ["--max-steps", "8", "--cache-gib", "0", "--out", str(tmp_path / "c")])  # memory-mapped
     a, b, c = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in "abc")
     for o in (b, c):

@@ -195,6 +195,39 @@ def test_demo_lowers_loss_and_resume_is_exact(tmp_path):
     assert all(torch.equal(ca["encoder"][k], ca["model"]["encoder." + k]) for k in ca["encoder"])
 
 
+def test_device_decode_gives_the_worker_crops_and_masks(tmp_path):
+    # --decode device (issue 17): the worker draws crop_flip's crop + flip and the mask from the same RNG in the same
+    # order, ships the bytes; decode_views must give the worker path's crop (to resampling error) and the same mask
+    import types
+    import data
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for i, (h, w) in enumerate([(40, 56), (64, 48), (33, 70)]):  # smooth colours: bicubic differences stay small
+        x = torch.nn.functional.interpolate(torch.rand(1, 3, 5, 7, generator=g), (h, w), mode="bilinear")[0]
+        Image.fromarray((x * 255).byte().permute(1, 2, 0).numpy()).save(tmp_path / f"{i}.JPEG", quality=95)
+    hook = S.data_hook(types.SimpleNamespace(img_size=32, crop_min=0.5, in_chans=3), small())
+    worker, device = data.ImageFiles(str(tmp_path)), data.ImageFiles(str(tmp_path))
+    device.encoded = True
+    a, b = data.Seeded(worker, hook), data.Seeded(device, hook)
+    for epoch in range(3):
+        (jpegs, masks), _ = data.collate([b[(epoch, i)] for i in range(3)])
+        ref = [a[(epoch, i)][0] for i in range(3)]
+        img = data.decode_views(jpegs, torch.device("cpu"))[0]
+        assert img.shape == (3, 3, 32, 32) and img.dtype == torch.uint8
+        assert torch.equal(masks, torch.stack([m for _, m in ref]))  # the same draws, in the same order
+        assert (img.float() - torch.stack([c for c, _ in ref]).float()).abs().mean() < 3, epoch
+    seen, norm = {}, data.normalize_batch  # the training step's images, as they reach the model: as the worker's
+    for how in ("worker", "device"):
+        data.normalize_batch = lambda x, *a, how=how: seen.setdefault(how, []).append(x.float()) or norm(x, *a)
+        try:
+            S.main(TINY + ["--out", str(tmp_path / how), "--max-steps", "2", "--decode", how])  # the demo (bytes: q95)
+        finally:
+            data.normalize_batch = norm
+    assert len(seen["worker"]) == len(seen["device"]) == 2
+    for x, y in zip(seen["worker"], seen["device"]):
+        assert x.shape == y.shape == (8, 3, 32, 32) and (x - y).abs().mean() < 6  # sharp demo edges: bicubic, q95; flipped: ~30
+
+
 def test_accumulation_equals_big_batch_and_nan_stops(tmp_path, monkeypatch):
     """4 micro-batches of 2 give the GRADIENT of one batch of 8 (taken before clipping, at each of 2 steps): not
     weights after Adam, whose first step is ~lr * sign(g) and flips on near-zero gradients."""

@@ -109,9 +109,9 @@ def transforms(args):
         aug = [data.crop_flip(args.img_size)] + ([T.RandAugment(2, 9)] if args.randaug else [])
     erase = [T.RandomErasing(args.reprob, scale=(0.02, 1 / 3), ratio=(0.3, 3.3))] if args.reprob else []
     train = T.Compose(aug + [data.normalize(mean, std)] + erase)
-    val = data.center_crop(args.img_size, mean, std) if args.eval_resize == "crop" else \
-        T.Compose([T.Resize(args.img_size, interpolation=T.InterpolationMode.BICUBIC), data.normalize(mean, std)])
-    return train, val
+    val = data.center_crop(args.img_size, mean, std, uint8=True) if args.eval_resize == "crop" else \
+        T.Compose([T.Resize(args.img_size, interpolation=T.InterpolationMode.BICUBIC), data.to_uint8(len(mean))])
+    return train, val  # train: float (RandomErasing erases to the mean); val: uint8, evaluate normalises it on the device
 
 
 def mix_batch(num_classes, mixup, cutmix):
@@ -188,7 +188,7 @@ def train(args):
             loss_sum, n_log, t0 = 0.0, 0, time.time()
         end = step % per_epoch == 0 or step == total
         if end:  # every epoch: the whole val set
-            result = evaluate(model, val_dl, device)
+            result = evaluate(model, val_dl, device, args.mean, args.std)
             best = max(best, result[0])
             if rank == 0:
                 data.report(dict(epoch=epoch, step=step, top1=result[0], top5=result[1], best_top1=best, images=result[2]), args.out)
@@ -199,7 +199,7 @@ def train(args):
                                           rng=data.rng_state(), args=vars(args)), args.out)
         if done == args.max_steps:
             break
-    result = result or evaluate(model, val_dl, device)
+    result = result or evaluate(model, val_dl, device, args.mean, args.std)
     if rank == 0:
         name, nums = PAPER.get(args.protocol, (None, {}))
         paper = f"  {name}: {nums[args.model]}" if args.preset and args.model in nums else ""

@@ -69,7 +69,7 @@ def stage_costs(base, tf, detectors, n, rounds=5):
     imgs = [base[i][0] for i in range(n)]  # decoded once here; "read+decode+crop" reads the files again
     crops = [np.asarray(tf.crop(im)) for im in imgs]
     stages = {"read+decode+crop": lambda i: tf.crop(base[i][0]),
-              "uint8 tensor+mask": lambda i: (tf.to_tensor(Image.fromarray(crops[i])), data.simmim_mask(*tf.mask_args))}
+              "uint8 tensor+mask": lambda i: (torch.from_numpy(crops[i]).permute(2, 0, 1), data.simmim_mask(*tf.mask_args))}
     stages.update({f"keypoints {d}": (lambda i, d=d: data.keypoint_map(crops[i], d)) for d in detectors})
     stages["(float normalise)"] = lambda i: data.normalize()(Image.fromarray(crops[i]))  # what the GPU now does instead
     ms = {k: [] for k in stages}

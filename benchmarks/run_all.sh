@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every benchmark, one after another. Not collected by pytest; see benchmarks/README.md.
-#   bash benchmarks/run_all.sh            # CPU, small defaults: vit_demo, about 1 minute on 2 cores
+#   bash benchmarks/run_all.sh            # CPU, small defaults: vit_demo, about 2 minutes on 2 cores
 #   bash benchmarks/run_all.sh gpu        # one H100: the ViT-B settings, without and with --compile
 #   DATA=/imagenet bash benchmarks/run_all.sh gpu    # ... and the loader on real JPEGs
 # The GPU line for one pair, e.g. KAMIM ViT-B/16 at 192 px, batch 256 (the target: >= 50 % MFU):

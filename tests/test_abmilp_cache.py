@@ -119,3 +119,21 @@ def test_two_ranks_cache_each_image_once(tmp_path, monkeypatch):
     ap.main(["--img-size", "32", "--pool", "knn", "--cache-features", "--micro-batch", "2", "--out", str(tmp_path / "knn")])
     rows = [[r for r in map(json.loads, open(d / "log.jsonl")) if "top1" in r] for d in (tmp_path / "knn", tmp_path / "probe" / "knn")]
     assert len(rows[0]) == 2 and rows[0] == rows[1]  # knn on the gathered shards = on the whole cache
+
+
+def test_images_are_normalised_with_the_runs_mean_and_std(tmp_path, monkeypatch):
+    # the workers ship uint8 (issue 17): every image batch the encoder sees (train, evaluate, knn, the cache's build)
+    # must be (u / 255 - mean) / std with --mean / --std, u whole numbers in [0, 255]; ImageNet's would leave fractions
+    mean, std = torch.tensor([0.2, 0.5, 0.7])[:, None, None], torch.tensor([0.1, 0.2, 0.3])[:, None, None]
+    seen, features = [], ap.Probe.features
+    monkeypatch.setattr(ap.Probe, "features", lambda self, x: seen.append(x) or features(self, x))
+    monkeypatch.setattr(data, "dataset", lambda d, split, labelled=False, classes=None: data.DemoShapes(split, 16))
+    common = ["--img-size", "32", "--workers", "0", "--batch-size", "8", "--micro-batch", "8", "--max-steps", "1",
+              "--mean", "0.2", "0.5", "0.7", "--std", "0.1", "0.2", "0.3"]
+    ap.main(common + ["--pool", "all", "--no-cache-features", "--out", str(tmp_path / "a")])  # the demo caches by default
+    n = len(seen)
+    ap.main(common + ["--pool", "knn", "--cache-features", "--out", str(tmp_path / "b")])
+    assert n == 3 * (1 + 2) + 4 and len(seen) == n + 4  # 3 probes x (a step, 2 val batches), knn 4; the cache 4
+    for x in seen:
+        u = (x * std + mean) * 255
+        assert (u - u.round()).abs().max() < 2e-3 and u.min() > -2e-3 and u.max() < 255 + 2e-3

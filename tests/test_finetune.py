@@ -63,6 +63,21 @@ def test_eval_counts_each_image_once(one_thread, tmp_path):
     assert n == 384  # DemoShapes val, once each
 
 
+def test_eval_normalises_with_the_runs_mean_and_std(one_thread, tmp_path, monkeypatch):
+    # val ships uint8 (issue 17); evaluate must normalise with --mean / --std, not ImageNet's
+    seen, logits, dataset = [], finetune.Classifier.logits, data.dataset
+    monkeypatch.setattr(finetune.Classifier, "logits", lambda self, x: seen.append(x) or logits(self, x))
+    ms = ["--mean", "0.2", "0.5", "0.7", "--std", "0.1", "0.2", "0.3", "--workers", "0", "--micro-batch", "128"]
+    for flags in (["--max-steps", "1"], ["--batch-size", "16"]):  # evaluate after the loop; at an epoch's end
+        if flags[0] == "--batch-size":  # 16 train images: one step an epoch
+            monkeypatch.setattr(data, "dataset", lambda d, split, **kw: dataset(d, split, **kw) if split == "val" else data.DemoShapes(split, 16))
+        args = finetune.parse_args(["--out", str(tmp_path / flags[0]), "--epochs", "1", "--warmup-epochs", "0", *ms, *flags])
+        finetune.train(args)
+        val = data.Seeded(dataset(None, "val", labelled=True), finetune.transforms(args)[1])
+        ref = data.normalize_batch(torch.stack([val[i][0] for i in range(384 - len(seen[-1]), 384)]), (0.2, 0.5, 0.7), (0.1, 0.2, 0.3))
+        assert torch.allclose(seen[-1], ref, atol=1e-6)  # the last val batch, as the model saw it
+
+
 def test_distributed_eval_counts_once(tmp_path):
     import json, os, subprocess, sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,9 +136,10 @@ def test_eval_transform_is_deterministic_centre_crop(tmp_path):
     for protocol in ("lut", "mae", "semanticmim"):
         args = finetune.parse_args(["--data", str(tmp_path), "--protocol", protocol, "--model", "vit_b"])
         train_tf, val_tf = finetune.transforms(args)
-        a, b = val_tf(img), val_tf(img)
-        assert torch.equal(a, b) and a.shape == (3, 224, 224)
-        assert torch.equal(a, data.center_crop(224, args.mean, args.std)(img))
+        a, b = val_tf(img), val_tf(img)  # uint8: finetune.evaluate normalises on the device
+        assert torch.equal(a, b) and a.shape == (3, 224, 224) and a.dtype == torch.uint8
+        a = data.normalize_batch(a[None], args.mean, args.std)[0]
+        assert torch.allclose(a, data.center_crop(224, args.mean, args.std)(img), atol=1e-6)
         ref = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
                          T.Normalize(args.mean, args.std)])(img)  # resize 256 (short side), centre crop 224
         assert torch.allclose(a, ref, atol=1e-6)

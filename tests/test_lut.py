@@ -149,6 +149,18 @@ def run(out, *extra):
                      "--epochs", "2", "--warmup-epochs", "0", "--log-every", "3", *extra])
 
 
+def test_step_augments_the_context_view_only(tmp_path, monkeypatch):
+    # Table 4f / the digest: the reconstruction view is SRC alone, the context view SRC + colour jitter + three-augment,
+    # now applied on the device: the model must get view 0 as the worker's uint8 (whole numbers once un-normalised)
+    seen, forward = [], lut.LUT.forward
+    monkeypatch.setattr(lut.LUT, "forward", lambda self, img, context=None: seen.append((img, context)) or forward(self, img, context))
+    run(tmp_path, "--max-steps", "2")
+    mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
+    off = lambda x: ((x * std + mean) * 255 - ((x * std + mean) * 255).round()).abs()  # distance to whole numbers
+    assert len(seen) == 2 and all(off(img).max() < 2e-3 for img, _ in seen)
+    assert all(off(ctx).amax((1, 2, 3)).gt(0.01).float().mean() > 0.5 for _, ctx in seen)  # jittered: fractions
+
+
 def test_demo_trains_and_resumes_exactly(tmp_path):
     run(tmp_path / "a", "--max-steps", "6", "--lr", "3e-3", "--layer-decay", "1")
     run(tmp_path / "b", "--max-steps", "3", "--lr", "3e-3", "--layer-decay", "1")

@@ -11,7 +11,6 @@ weighted by the softmax of the scores. `--protocol` selects the probe each paper
 writes the four per-block statistics of §4 instead of training.
 """
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -21,12 +20,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision import transforms as T
 from torchvision.transforms import v2
 from torchvision.utils import save_image
 
 import data
+import run
 import vit
 
 
@@ -149,23 +148,24 @@ class Probe(nn.Module):
         loss = F.cross_entropy(self.logits(x).float(), y)
         return loss, {"loss": loss.detach()}
 
-    def head_state(self):
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+    def state_dict(self, *args, prefix="", **kw):
+        """The head only: the frozen encoder is --checkpoint's (or a seeded random init), not saved again."""
+        sd = super().state_dict(*args, prefix=prefix, **kw)
+        for k in [k for k in sd if k.startswith(prefix + "encoder.")]:
+            del sd[k]
+        return sd
+
+    def load_state_dict(self, state, strict=True, assign=False):
+        missing, unexpected = super().load_state_dict(state, strict=False, assign=assign)
+        if strict and (unexpected or not all(k.startswith("encoder.") for k in missing)):
+            raise ValueError(f"not this probe's head: missing {missing}, unexpected {unexpected}")
+        return missing, unexpected
 
 
 def count_params(model):
     """Trainable parameters. The paper (§5) writes D(K+1) + D + 1 with AbMILP; the head really has
     K(D+1) (+ D + 1 for t): D and K are swapped in the paper's classifier count."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def build_encoder(name, img_size, checkpoint=None, in_chans=3):
-    """vit.vit(name) loaded strictly from `checkpoint` (random init without one). The number of prefix
-    tokens comes from the checkpoint's cls_token (1, P, D): SemanticMIM's has 8 proxies."""
-    sd = vit.read_state_dict(checkpoint) if checkpoint else {}
-    P = next((v.shape[1] for k, v in sd.items() if k.endswith("cls_token")), 1)
-    enc = vit.vit(name, img_size, prefix_tokens=P, in_chans=in_chans)
-    return vit.load_encoder(enc, sd) if sd else enc
 
 
 # ---- data hook ----
@@ -289,42 +289,6 @@ def shard_batches(tokens, labels, micro):
     return [(tokens[i:i + micro], labels[i:i + micro]) for i in range(0, len(tokens), micro)]
 
 
-def gather(x, n):
-    """This rank's share (position k = image k * world + r; loader-padded, or a cache shard one shorter) -> all n
-    rows in dataset order on every rank: padded to the longest share, all_gather, interleaved, the padding cut."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if world == 1:
-        return x[:n]
-    x = torch.cat([x, x.new_zeros(-(-n // world) - len(x), *x.shape[1:])])
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x)
-    return torch.stack(parts, 1).flatten(0, 1)[:n]
-
-
-@torch.no_grad()
-def evaluate(model, dl, device, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD, n=None):
-    """Top-1 / top-5 (%) and the image count over the whole val set via model.logits (the probe's and finetune.py's),
-    each image counted once: the DistributedSampler pads every rank to the same length with repeats; position k of
-    rank r's share is image k * world + r, so the padding is k * world + r >= n. dl: an image loader (uint8 images
-    normalised here with mean / std), or with n (the val set's size) a list of batches of this rank's cache shard."""
-    model.eval()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    n, k = len(dl.dataset) if n is None else n, 0
-    c = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
-    for x, y in dl:
-        x, y = normalized(x.to(device), mean, std), y.to(device)
-        real = (torch.arange(k, k + len(y), device=device) * world + rank) < n
-        k += len(y)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            out = model.logits(x)
-        top = out.topk(min(5, out.shape[1]), dim=1).indices  # (B, 5)
-        c += torch.stack([((top[:, 0] == y) & real).sum(), ((top == y[:, None]).any(1) & real).sum(), real.sum()])
-    if dist.is_initialized():
-        dist.all_reduce(c)
-    model.train()
-    return (100 * c[0] / c[2]).item(), (100 * c[1] / c[2]).item(), int(c[2])
-
-
 @torch.no_grad()
 def save_scores(model, imgs, path, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD):
     """Fig. 8: which patches the pooling selects. Top row the images, bottom row the images weighted by the
@@ -344,16 +308,13 @@ def save_scores(model, imgs, path, mean=data.IMAGENET_MEAN, std=data.IMAGENET_ST
 
 def train(args, cache=None):
     """Train one probe; returns (top-1, top-5) on val. `cache`: a dict shared between calls (--cache-features)."""
-    rank, world, device = data.setup(args.seed)
-    encoder = build_encoder(args.model, args.img_size, args.checkpoint, args.in_chans)  # fails here, before any data is read
+    rank, world, device = run.setup(args.seed)
+    encoder = vit.build_encoder(args.model, args.img_size, args.checkpoint, args.in_chans)  # fails before any data
     train_ds = data.dataset(args.data, "train", labelled=True)
     val_ds = data.dataset(args.data, "val", labelled=True, classes=train_ds.classes)  # one class map: train's
     model = Probe(encoder, len(train_ds.classes), args.pool, args.block, args.final_norm, args.head_bn,
                   args.proxy_pool, args.abmilp_t).to(device)
-    micro, accum = data.batch_split(args.batch_size, world, args.micro_batch)
-    per_epoch = len(train_ds) // world // micro // accum  # drop_last: every rank takes the smallest share's steps
-    if per_epoch == 0:
-        raise ValueError(f"{len(train_ds)} images give no full step of {accum} x {micro} per process")
+    micro, accum = run.batch_split(args.batch_size, world, args.micro_batch)
     lr = args.lr * args.batch_size / args.ref_batch
     train_tf, val_tf = transforms(args.img_size, args.protocol, args.mean, args.std)
     mix = mix_batch(len(train_ds.classes)) if args.mix else None
@@ -362,10 +323,12 @@ def train(args, cache=None):
         train_shard = cached(args, model, train_ds, "train", cache, device)
         val_dl = shard_batches(*cached(args, model, val_ds, "val", cache, device), micro)
     else:
-        dl = data.loader(data.Seeded(train_ds, train_tf, args.seed), micro, train=True, workers=args.workers, seed=args.seed)
+        dl = data.loader(data.Seeded(train_ds, train_tf, args.seed), micro, train=True, workers=args.workers,
+                         seed=args.seed)
         val_dl = data.loader(data.Seeded(val_ds, val_tf), micro, train=False, workers=args.workers)
         data.set_epoch(val_dl, 0)
-    fig_imgs = normalized(torch.stack([data.Seeded(val_ds, val_tf)[i][0] for i in range(8)]).to(device), args.mean, args.std)
+    fig_imgs = torch.stack([data.Seeded(val_ds, val_tf)[i][0] for i in range(8)])
+    fig_imgs = normalized(fig_imgs.to(device), args.mean, args.std)
     if args.compile:
         model.encoder = torch.compile(model.encoder)
     head = [p for p in model.parameters() if p.requires_grad]
@@ -373,76 +336,66 @@ def train(args, cache=None):
         opt = LARS(head, weight_decay=args.weight_decay, momentum=args.momentum, trust_coefficient=args.trust)
     else:
         opt = torch.optim.AdamW(vit.param_groups(model, args.weight_decay), lr=lr, fused=device.type == "cuda")
-    ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
-    ck, start = data.load_checkpoint(args.out), 0
-    if ck is not None:  # auto-resume: head, optimiser, step, RNG, once the flags are the same run's
-        data.check_resume(ck["args"], args, os.path.join(args.out, "checkpoint.pt"))
-        missing, unexpected = model.load_state_dict(ck["model"], strict=False)
-        if unexpected or not all(k.startswith("encoder.") for k in missing):
-            raise ValueError(f"{args.out}/checkpoint.pt is not this probe's head: missing {missing}, unexpected {unexpected}")
-        opt.load_state_dict(ck["optimizer"])
-        start = ck["step"]
-        data.set_rng_state(ck["rng"], start)
+    per_epoch = len(train_ds) // world // micro // accum  # drop_last: each rank the smallest share's steps
+    if per_epoch == 0:
+        raise ValueError(f"{len(train_ds)} images give no full step of {accum} x {micro} per process")
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
-    flops = 0 if args.cache_features else vit.vit_forward_flops(encoder, upto=args.block)  # forward only: frozen
-    if start and start >= total and rank == 0:
-        print(f"{args.out}/checkpoint.pt: already finished at step {start} of {total}; evaluating it", flush=True)
+    net = run.distribute(model, device)  # the encoder is frozen: DDP all-reduces the head's gradients
+    step = run.resume(args.out, model, opt, args=args, total=total)  # the head, optimiser, step, RNG
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        data.log_json(os.path.join(args.out, "log.jsonl"), data.run_info(args, device))
-        print(f"probe {args.pool}: {len(train_ds.classes)} classes, {count_params(model):,} trainable parameters, {'resuming at step %d' % start if start else 'from scratch'}; "
-              f"lr {args.lr:g} at batch {args.ref_batch} -> {lr:g} at {args.batch_size} = {world} x {micro} x {accum} accum; "
-              f"{per_epoch} steps/epoch, {total} steps", flush=True)
-    amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-    loss_sum, n_img, t0, done, result, step = torch.zeros((), device=device), 0, time.time(), 0, None, start - 1
-    last_log = start
-
-    def save():
-        data.check_finite(loss_sum, step, args.out)  # never overwrite the last good one
-        if rank == 0:
-            data.save_checkpoint(dict(model=model.head_state(), optimizer=opt.state_dict(), step=step + 1,
-                                      rng=data.rng_state(), args=vars(args), result=result), args.out)
-
-    steps = cache_steps(*train_shard, micro, accum, per_epoch, args.epochs, start, args.seed) if args.cache_features \
-        else data.train_steps(dl, args.epochs, accum, start, device=device)  # prefetched
+        print(f"probe {args.pool}: {len(train_ds.classes)} classes, {count_params(model):,} trainable "
+              "parameters", flush=True)
+        run.banner(args, device, world, micro, accum, f"{lr:.3g} (= {args.lr:g} x {args.batch_size}/"
+                   f"{args.ref_batch})", per_epoch, total, step)
+    flops = 0 if args.cache_features else vit.vit_forward_flops(encoder, upto=args.block)  # forward: frozen
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    sums, n_log, done, result, t0 = {}, 0, 0, None, time.time()
+    t_run = t0
+    model.train()
+    steps = cache_steps(*train_shard, micro, accum, per_epoch, args.epochs, step, args.seed) \
+        if args.cache_features else data.train_steps(dl, args.epochs, accum, step, device)  # prefetched
     for epoch, step, micro_batches in steps:
-        lr_now = data.cosine(step, total, warmup, lr)  # per step: linear warmup from 0, half-cosine to 0
+        lr_now = run.cosine(step, total, warmup, lr)  # per step: linear warmup from 0, half-cosine to 0
         for g in opt.param_groups:
             g["lr"] = lr_now
         for i, (x, y) in enumerate(micro_batches):
             x, y = normalized(x.to(device, non_blocking=True), args.mean, args.std), y.to(device, non_blocking=True)
             x, y = mix(x, y) if mix else (x, y)  # soft labels (B, K) after MixUp / CutMix
-            sync = ddp.no_sync() if world > 1 and i < accum - 1 else contextlib.nullcontext()
-            with sync:
-                with amp:
-                    loss, terms = ddp(x, y)
+            with run.no_sync(net, i < accum - 1), autocast:
+                loss, terms = net(x, y)
                 (loss / accum).backward()
-            loss_sum += terms["loss"] / accum
-            n_img += len(x) * world
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0) + v / accum
         opt.step()  # no gradient clipping: MAE's probe has none
         opt.zero_grad(set_to_none=True)
-        done += 1
-        if (step + 1) % args.log_every == 0:
-            data.check_finite(loss_sum, step, args.out)  # a collective: every rank stops together
+        step, n_log, done = step + 1, n_log + 1, done + 1
+        epoch_end, stop = step % per_epoch == 0, step == total or done == args.max_steps
+        if step % args.log_every == 0 or epoch_end or stop:
+            vals = run.mean_terms(sums, n_log)  # one sync per log line
+            run.check_finite(sum(vals.values()), step, args.out)  # a collective: every rank stops together
             dt = time.time() - t0
-            if rank == 0:  # img/s and TFLOP/s over all processes, MFU per GPU
-                data.report(dict(epoch=epoch, step=step + 1, loss=loss_sum.item() / (step + 1 - last_log), lr=lr_now,
-                                 img_s=n_img / dt, tflops=flops * n_img / dt / 1e12 if flops else None,
-                                 mfu=vit.mfu(flops * n_img / dt / world, device) if flops else None), args.out)
-            loss_sum.zero_()
-            n_img, t0, last_log = 0, time.time(), step + 1
-        epoch_end = (step + 1) % per_epoch == 0
-        if epoch_end or step + 1 == total or done == args.max_steps:
-            result = evaluate(model, val_dl, device, args.mean, args.std, len(val_ds))
             if rank == 0:
-                data.report(dict(epoch=epoch, step=step + 1, pool=args.pool, top1=result[0], top5=result[1]), args.out)
-                save_scores(model, fig_imgs, os.path.join(args.out, f"scores_epoch{epoch:03d}.png"), args.mean, args.std)
-        if epoch_end or (step + 1) % args.save_every == 0 or step + 1 == total or done == args.max_steps:
-            save()
+                run.report(dict(epoch=epoch, step=step, **vals, lr=lr_now,
+                                **run.throughput(n_log * args.batch_size, dt, flops, device),
+                                eta=run.eta(total - step, dt / n_log)), args.out)
+            sums, n_log, t0 = {}, 0, time.time()
+        if epoch_end or stop:  # the whole val set
+            result = run.evaluate(model, val_dl, device, args.mean, args.std, len(val_ds))
+            if rank == 0:
+                run.report(dict(epoch=epoch, step=step, pool=args.pool, top1=result[0], top5=result[1],
+                                images=result[2]), args.out)
+        if step % args.save_every == 0 or epoch_end or stop:
+            run.check_finite(sum(sums.values()), step, args.out)  # never overwrite the last good one
+            if rank == 0:
+                run.save_run(args.out, model, opt, step, args, result=result)
+        if epoch_end and rank == 0:
+            save_scores(model, fig_imgs, os.path.join(args.out, f"scores_epoch{epoch:03d}.png"), args.mean, args.std)
         if done == args.max_steps:
             break
     if result is None:  # nothing left to train (a finished run resumed): evaluate what was saved
-        result = evaluate(model, val_dl, device, args.mean, args.std, len(val_ds))
+        result = run.evaluate(model, val_dl, device, args.mean, args.std, len(val_ds))
+    if rank == 0:
+        run.summary(args.out, step, total, time.time() - t_run)
     return result[:2]  # (top-1, top-5)
 
 
@@ -452,9 +405,9 @@ def knn(args, cache):
     and on the average features of block --block (centre crops, or the cached tokens). Each rank pools its share
     of each split; the shares are gathered (fp16) so every rank holds the whole bank and classifies its own rows
     of val. Returns {"knn_cls": (top-1, top-5), "knn_avg": (top-1, top-5)} in %."""
-    rank, world, device = data.setup(args.seed)
+    rank, world, device = run.setup(args.seed)
     torch.manual_seed(args.seed)  # a random init is the same on every rank (rank 0's, as in train())
-    model = Probe(build_encoder(args.model, args.img_size, args.checkpoint, args.in_chans), 1, "avg", args.block,
+    model = Probe(vit.build_encoder(args.model, args.img_size, args.checkpoint, args.in_chans), 1, "avg", args.block,
                   args.final_norm).to(device)
     P, feats = model.encoder.num_prefix, {}
     for split in ("train", "val"):  # val numbered by train's class map
@@ -472,7 +425,7 @@ def knn(args, cache):
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                 t = model.features(x) if x.ndim == 4 else x.float()  # (B, P + N, D), or (B, P + 1, D) condensed
             f.append(torch.stack([t[:, :P].mean(1), t[:, P:].mean(1)], 1).half()), y.append(label.to(device))  # (B, 2, D)
-        feats[split] = gather(torch.cat(f), len(ds)), gather(torch.cat(y), len(ds))  # (n, 2, D), (n,) in dataset order
+        feats[split] = run.gather(torch.cat(f), len(ds)), run.gather(torch.cat(y), len(ds))  # (n, 2, D), (n,) in dataset order
     (bank, bank_y), (val, val_y) = feats["train"], feats["val"]
     results = {}
     for j, name in enumerate(("knn_cls", "knn_avg")):
@@ -486,15 +439,15 @@ def knn(args, cache):
         results[name] = tuple((100 * hits / len(val)).tolist())
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
-            data.report(dict(pool=name, k=args.knn_k, T=args.knn_t, top1=results[name][0], top5=results[name][1]), args.out)
+            run.report(dict(pool=name, k=args.knn_k, T=args.knn_t, top1=results[name][0], top5=results[name][1]), args.out)
     return results
 
 
 @torch.no_grad()
 def attention_statistics(args):
     """§4 over the val split: the four statistics per block, averaged over heads and images -> JSON + table."""
-    rank, world, device = data.setup(args.seed)
-    enc = build_encoder(args.model, args.img_size, args.checkpoint, args.in_chans).to(device).eval()
+    rank, world, device = run.setup(args.seed)
+    enc = vit.build_encoder(args.model, args.img_size, args.checkpoint, args.in_chans).to(device).eval()
     val_tf = transforms(args.img_size, "mae", args.mean, args.std)[1]
     dl = data.loader(data.Seeded(data.dataset(args.data, "val", labelled=True), val_tf), args.micro_batch, train=False,
                      workers=args.workers)
@@ -535,9 +488,13 @@ PROTOCOLS = {  # the probe behind each paper's numbers (digest); every individua
                              epochs=100, warmup_epochs=0, weight_decay=1e-4, img_size=224),  # yyk-wew/SemanticMIM: mean of final tokens
 }
 
+# the demo (no --data) overrides only these; lr: MAE's absolute 6.4 (0.1 x 16384/256), since LARS at 0.1
+# barely moves the head in the demo's 180 steps
+DEMO = dict(img_size=64, batch_size=256, epochs=30, warmup_epochs=1, pool="all", lr=6.4)
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = run.parser(__doc__)
     a = p.add_argument
     a("--data", help="ImageNet-style folder with train/ and val/ class folders; absent: the demo (vit_demo, 64 px, "
                      "batch 256, 30 epochs, 1 warmup epoch, lr 6.4 at 256, --pool all, --cache-features)")
@@ -563,7 +520,6 @@ def parse_args(argv=None):
     a("--lr", type=float, help="lr at --ref-batch, scaled linearly to the real batch (mae: base lr 0.1 per 256 -> 6.4 at 16384)")
     a("--ref-batch", type=int, help="the batch --lr refers to (mae 256, kamim 2048, semanticmim 1024)")
     a("--batch-size", type=int, help="GLOBAL batch (mae 16384, kamim 2048, semanticmim 1024), reached by accumulation")
-    a("--micro-batch", type=int, default=1024, help="most images per GPU per forward; accumulation makes up the rest")
     a("--epochs", type=int, help="mae 90 (50 for vit_l / vit_h), kamim 100, semanticmim 100")
     a("--warmup-epochs", type=int, help="linear warmup from 0 (mae 10, kamim 10, semanticmim 0)")
     a("--weight-decay", type=float, help="mae 0, kamim 0.05, semanticmim 1e-4")
@@ -571,9 +527,6 @@ def parse_args(argv=None):
     a("--trust", type=float, default=0.001, help="LARS trust coefficient eta (MAE: 0.001)")
     a("--img-size", type=data.image_size, help="mae 224, kamim 192, semanticmim 224 (val resizes to img * 256/224, centre "
       "crop); HxW (e.g. 224x320) for a non-square input")
-    a("--in-chans", type=int, default=3, choices=[1, 3], help="image channels, as in pretraining: 3 (RGB) or 1 (grayscale)")
-    a("--mean", type=float, nargs="+", help="normalisation mean per channel, as in pretraining (default ImageNet's)")
-    a("--std", type=float, nargs="+", help="normalisation std per channel, as in pretraining (default ImageNet's)")
     a("--mix", action=argparse.BooleanOptionalAction, help="MixUp or CutMix per batch, alpha 1 (kamim preset; no cache)")
     a("--cache-features", action=argparse.BooleanOptionalAction, help="compute the frozen tokens of --block once "
       "(centre crop, no augmentation; bf16; each rank its own images) and train on them: fast for sweeps (on in the demo). "
@@ -581,36 +534,21 @@ def parse_args(argv=None):
     a("--cache-gib", type=float, help="most GiB of cache per split and process held in memory (the GPU's on CUDA); a "
       "larger one is memory-mapped from a file under --out (default: 4/5 of the free GPU memory, half the host's RAM)")
     a("--attention-stats", action="store_true", help="§4: write the per-block attention statistics over val, no probe")
-    a("--out", help="output folder (checkpoint.pt, log.jsonl, figures; --pool all: one sub-folder each); default "
-      "runs/abmilp_probe/NAME, NAME the checkpoint's folder (runs/kamim/checkpoint.pt -> kamim) or random_init")
-    a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loader processes per GPU (default: the "
-      "machine's cores, at most 8)")
-    a("--seed", type=int, default=0, help="seeds the head's initialisation and every crop and batch order")
-    a("--resume-anyway", action="store_true", help="resume --out's checkpoint even though flags that change the run differ")
-    a("--log-every", type=int, default=20, help="optimiser steps between progress lines")
-    a("--save-every", type=int, default=1000, help="optimiser steps between checkpoints (also at each epoch end)")
-    a("--max-steps", type=int, help="stop after this many optimiser steps in this invocation (tests, smoke runs)")
-    a("--compile", action="store_true", help="torch.compile the encoder")
+    run.shared_flags(p, out=None, micro_batch=1024, workers=min(8, os.cpu_count() or 1),
+                     out_help="default runs/abmilp_probe/NAME, NAME the checkpoint's folder (runs/kamim/"
+                     "checkpoint.pt -> kamim) or random_init; --pool all: one sub-folder per pool")
     args = p.parse_args(argv)
     demo = args.data is None
     preset = dict(PROTOCOLS[args.protocol], model="vit_demo" if demo else "vit_b", cache_features=demo)
-    if demo:  # the demo overrides only these (and says so in --help)
-        # lr: MAE's absolute 6.4 (0.1 x 16384/256), since LARS at 0.1 barely moves the head in the demo's 180 steps
-        preset.update(img_size=64, batch_size=256, epochs=30, warmup_epochs=1, pool="all", lr=6.4)
+    if demo:  # the demo overrides only DEMO's values (and says so in --help)
+        preset.update(DEMO)
     elif args.protocol == "mae" and args.model in ("vit_l", "vit_h"):
         preset.update(epochs=50)
     mix_given = args.mix
-    for k, v in preset.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    run.defaults(args, preset)
     if args.mix and args.cache_features and mix_given:
         p.error("--mix needs image batches: it cannot run with --cache-features")
     args.mix = bool(args.mix) and not args.cache_features  # cached tokens cannot be mixed: the preset gives way
-    args.img_size = data.image_size(args.img_size)
-    try:
-        args.mean, args.std = data.channel_stats(args.in_chans, args.mean, args.std)
-    except ValueError as e:
-        p.error(str(e))
     if args.model not in vit.CONFIGS:
         p.error(f"--model {args.model}: choose one of {', '.join(vit.CONFIGS)}")
     depth = vit.CONFIGS[args.model]["depth"]
@@ -619,9 +557,9 @@ def parse_args(argv=None):
         p.error(f"--block {args.block} is outside {args.model}'s blocks 1..{depth}")
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         p.error(f"--checkpoint {args.checkpoint} does not exist")
+    run.check_flags(p, args)
     if any(s % vit.CONFIGS[args.model]["patch_size"] for s in args.img_size):
         p.error(f"--img-size {args.img_size} is not a multiple of {args.model}'s patch size")
-    data.check_flags(p, args)
     if args.out is None:  # one folder per encoder: a new checkpoint never resumes another's heads
         name = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint))) if args.checkpoint and \
             os.path.basename(args.checkpoint) == "checkpoint.pt" else os.path.splitext(os.path.basename(args.checkpoint or "random_init"))[0]
@@ -635,7 +573,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    print("resolved args: " + json.dumps(vars(args)), flush=True)
     if args.attention_stats:
         return attention_statistics(args)
     pools = ["cls", "avg", "abmilp", "knn"] if args.pool == "all" else [args.pool]

@@ -1,16 +1,11 @@
-"""The one data loader (image folders, the built-in demo dataset, the papers' augmentations, masks and
-keypoint maps; every sample a pure function of (seed, epoch, index), so a killed run resumes mid-epoch on
-the same batches) and the run plumbing every script shares (torchrun, schedule, checkpoints, log)."""
-import argparse
+"""Images in, batches out: image folders and the built-in demo dataset, the one image reader, normalisation,
+the crops more than one script uses, seeding (every sample a pure function of (seed, epoch, index), so a killed
+run resumes mid-epoch on the same batches), the rank-sharded loader and train_steps. The optional speed
+machinery comes last, under its own banner. A piece only one method uses lives in that method's script."""
 import io
-import json
-import math
 import os
-import platform
 import random
-import subprocess
 import sys
-import time
 import warnings
 
 import cv2
@@ -152,7 +147,7 @@ def skipped(ds):
     return {"skipped": n} if n else {}
 
 
-# ---- augmentations (PIL in; what each returns is said) ----
+# ---- normalisation and the shared crops (PIL in; what each returns is said) ----
 
 def image_size(size):
     """--img-size: 192 or "192" -> (192, 192); "192x256" -> (height 192, width 256). Non-square inputs work
@@ -196,50 +191,228 @@ def denormalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return (x * s + m).clamp(0, 1).expand(-1, 3, -1, -1)
 
 
-def kamim_crop(img_size=192, antialias=False):
-    """KAMIM / SimMIM (§4.1): random resized crop, scale (0.67, 1), ratio (3/4, 4/3), then vertical and
-    horizontal flips, p 0.5 each. PIL RGB -> the (H, W, 3) uint8 array FAST runs on and the model receives.
-    Default = the released loader: torchvision v2 on a uint8 tensor, bilinear, antialias=False (T = 0.25
-    was tuned on it); antialias=True: the PIL crop (always antialiased: ~27 % fewer FAST keypoints)."""
-    size, rrc = image_size(img_size), dict(scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3))
-    tf = (T.Compose([T.RandomResizedCrop(size, **rrc), T.RandomVerticalFlip(), T.RandomHorizontalFlip(), T.PILToTensor()])
-          if antialias else T.Compose([v2.PILToTensor(), v2.RandomResizedCrop(size, **rrc, antialias=False),
-                                       v2.RandomVerticalFlip(), v2.RandomHorizontalFlip()]))
-    return T.Compose([tf, _hwc])
-
-
-def _hwc(x):
-    """(C, H, W) uint8 tensor -> (H, W, C) uint8 array (a named function: loader workers pickle it)."""
-    return x.permute(1, 2, 0).contiguous().numpy()
-
-
-def mae_crop(img_size=224):
-    """MAE pretraining: random resized crop scale (0.2, 1), bicubic, horizontal flip. Returns PIL."""
-    return T.Compose([T.RandomResizedCrop(image_size(img_size), scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+def crop_flip(img_size=224, scale=(0.08, 1.0)):
+    """Random resized crop (bicubic) + horizontal flip: the linear probe's training crop (MAE, scale (0.08, 1))
+    and SemanticMIM's pretraining one (scale (0.5, 1), App. E). Returns PIL."""
+    return T.Compose([T.RandomResizedCrop(image_size(img_size), scale=scale, interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip()])
 
 
-def src_resize(img, img_size=224):
-    """LUT's SRC (Table 4f, from DeiT III), part 1: shorter side to img_size (bicubic; the longer side of a
-    non-square size). Deterministic: done once per image, however many views src_crop then takes. PIL -> PIL."""
-    return T.functional.resize(img, max(image_size(img_size)), interpolation=T.InterpolationMode.BICUBIC)
+def center_crop(img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, uint8=False):
+    """Evaluation: resize to img_size * 256 / 224 (bicubic; the longer side of a non-square size), centre crop
+    img_size -> normalised tensor, or with uint8 the uint8 tensor (normalize_batch finishes on the device)."""
+    size = image_size(img_size)
+    return T.Compose([T.Resize(int(max(size) * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(size), to_uint8(len(mean)) if uint8 else normalize(mean, std)])
 
 
-def src_crop(img, img_size=224, padding=4):
-    """SRC, part 2: random crop with `padding` px reflect padding, then horizontal flip. PIL -> uint8 (C, H, W).
-    The same random draws and pixels as RandomCrop(padding, reflect) + RandomHorizontalFlip, without padding the
-    whole image: the window is taken at an offset of -padding .. +padding and only its out-of-image strip is
-    reflected (a pad of the crop's own edge reflects the image's edge rows: the crop is wider than `padding`)."""
-    (th, tw), (w, h) = image_size(img_size), img.size
-    i = int(torch.randint(0, h + 2 * padding - th + 1, (1,))) - padding  # RandomCrop.get_params on the padded size
-    j = int(torch.randint(0, w + 2 * padding - tw + 1, (1,))) - padding
-    a = np.asarray(img.crop((max(j, 0), max(i, 0), min(j + tw, w), min(i + th, h))))
-    pad = ((max(-i, 0), max(i + th - h, 0)), (max(-j, 0), max(j + tw - w, 0)))
-    a = np.pad(a, pad + ((0, 0),) * (a.ndim - 2), mode="reflect")  # numpy's reflect = torchvision's
-    if torch.rand(1) < 0.5:  # RandomHorizontalFlip's draw
-        a = a[:, ::-1]
-    a = torch.from_numpy(np.ascontiguousarray(a))
-    return a[None] if a.ndim == 2 else a.permute(2, 0, 1)
+# ---- loading ----
+
+class Seeded(torch.utils.data.Dataset):
+    """Applies `transform` (PIL -> anything) to `base` samples with the RNGs seeded from (seed, epoch, i):
+    the same sample is the same tensor whatever the worker count or resume point. Indexed by i (at self.epoch)
+    or by (epoch, i), as loader's sampler does: persistent workers hold their own copy of self.epoch."""
+    def __init__(self, base, transform, seed=0):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        epoch, i = i if isinstance(i, tuple) else (self.epoch, i)
+        s = (self.seed * 1_000_003 + epoch) * 10_000_019 + i
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG alone (num_workers=0)
+            torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed would reset the GPU's too
+            random.seed(s)
+            img, label = self.base[i]
+            out = self.transform(img), label
+        random.setstate(py_state)
+        return out
+
+
+class Sampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (one replica without torchrun) that can start mid-epoch: `skip` samples of
+    this rank's share are dropped, so a resumed run continues at the batch where it stopped. For a Seeded
+    dataset it yields (epoch, index): the workers can persist across epochs and still draw each epoch's crops."""
+    skip = 0
+
+    def __iter__(self):
+        ids = list(super().__iter__())[self.skip:]
+        return iter([(self.epoch, i) for i in ids] if isinstance(self.dataset, Seeded) else ids)
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+def worker_init(_):
+    cv2.setNumThreads(0)  # OpenCV threads inside DataLoader workers oversubscribe or deadlock (pytorch#1355)
+
+
+def loader(ds, batch_size, train=True, workers=8, seed=0):
+    """Rank-sharded DataLoader over a Seeded dataset; drop_last and shuffling for training; workers persist across
+    epochs (the sampler hands them the epoch with each index). Call set_epoch(loader, epoch, skip_batches) before
+    iterating each epoch."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    sampler = Sampler(ds, num_replicas=world, rank=rank, shuffle=train, seed=seed, drop_last=train)
+    return torch.utils.data.DataLoader(ds, batch_size, sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                       drop_last=train, worker_init_fn=worker_init, persistent_workers=workers > 0, collate_fn=collate)
+
+
+def set_epoch(dl, epoch, skip_batches=0):
+    dl.sampler.set_epoch(epoch)
+    dl.sampler.skip = skip_batches * dl.batch_size
+    dl.dataset.epoch = epoch
+
+
+def to_device(batch, device, non_blocking=True):
+    """Every tensor of a (nested) tuple / list batch to `device`."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=non_blocking)
+    return type(batch)(to_device(b, device, non_blocking) for b in batch) if isinstance(batch, (list, tuple)) else batch
+
+
+def train_steps(dl, epochs, accum, start=0, device=None):
+    """Yield (epoch, step, [accum micro-batches]) for optimiser steps start .. epochs * steps_per_epoch;
+    each epoch re-seeds the sampler, and a run resumed at `start` skips the batches already done. With a
+    `device`, the batches arrive there, copied one batch ahead (prefetch)."""
+    dl.sampler.skip = 0
+    per_epoch = len(dl) // accum
+    if per_epoch == 0:
+        raise ValueError(f"{len(dl.dataset)} images give no full step of {accum} x {dl.batch_size} per process")
+    for epoch in range(start // per_epoch, epochs):
+        first = max(start, epoch * per_epoch)
+        set_epoch(dl, epoch, (first - epoch * per_epoch) * accum)
+        it = iter(dl) if device is None else prefetch(dl, device)
+        for step in range(first, (epoch + 1) * per_epoch):
+            yield epoch, step, [next(it) for _ in range(accum)]
+
+
+# ==== optional speed machinery ====
+# Not needed to read or run the methods: each piece keeps a GPU fed at ImageNet scale (benchmarks/README.md
+# has the figures): prefetch overlaps the host-to-device copy with compute; --decode device moves JPEG
+# decoding onto the GPU (nvJPEG), the workers only reading files and drawing crops; LUT's colour
+# augmentation runs per sample on the device instead of in the workers.
+
+# ---- prefetch: the next batch's copy on a side CUDA stream ----
+
+def prefetch(batches, device):
+    """Yield the batches of `batches` on `device`, one ahead: on CUDA batch n + 1's copy is queued on a side stream
+    (asynchronous from pinned memory) before batch n is handed out, so it overlaps batch n's compute; the compute
+    stream waits for batch n's copy alone (its event), and record_stream keeps the allocator from reusing the
+    memory while the compute stream still reads it. On the CPU the same batches in the same order, moved (a no-op)."""
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    ahead = None
+    for b in batches:
+        b = _copy_on(side, b, device)
+        if ahead is not None:
+            yield _ready(*ahead)
+        ahead = b
+    if ahead is not None:
+        yield _ready(*ahead)
+
+
+def _copy_on(side, batch, device):
+    """(batch on device, the event its copy completes at; None off CUDA)."""
+    if side is None:
+        return to_device(batch, device), None
+    with torch.cuda.stream(side):
+        batch, done = to_device(batch, device), torch.cuda.Event()
+        done.record(side)
+    return batch, done
+
+
+def _ready(batch, done):
+    if done is not None:
+        compute = torch.cuda.current_stream()  # setup() made this rank's GPU the current device
+        compute.wait_event(done)
+        for t in _tensors(batch):
+            t.record_stream(compute)
+    return batch
+
+
+def _tensors(batch):
+    if torch.is_tensor(batch):
+        return [batch]
+    return [t for b in batch for t in _tensors(b)] if isinstance(batch, (list, tuple)) else []
+
+
+# ---- optional GPU JPEG decode (--decode device): the worker reads the file and draws the crop, the device decodes ----
+
+class Jpeg:
+    """A JPEG's bytes (uint8 (n,) tensor) and its size (W, H), not decoded; after a view transform also `views`, the
+    crops to take (crop_spec rows). Files nvJPEG cannot take as they are (not JPEG, e.g. a PNG named .JPEG; CMYK;
+    16-bit; an EXIF rotation, which decode_jpeg applies on the CPU only; no end marker, i.e. truncated) are decoded
+    here by read_image and re-encoded at quality 95: rare in ImageNet, lossy for those few."""
+    def __init__(self, data, size):
+        self.data, self.size, self.views = torch.frombuffer(bytearray(data), dtype=torch.uint8), size, None
+
+    @staticmethod
+    def read(path):
+        with open(path, "rb") as f:
+            raw = f.read()
+        with Image.open(io.BytesIO(raw)) as im:
+            plain = im.format == "JPEG" and im.mode in ("RGB", "L") and im.getexif().get(0x0112, 1) == 1
+            size = im.size
+        return Jpeg(raw, size) if plain and raw.rstrip(b"\0")[-2:] == b"\xff\xd9" else Jpeg.encode(read_image(path))
+
+    def image(self):
+        """Decoded on the CPU by PIL -> RGB (figures)."""
+        return read_image(io.BytesIO(self.data.numpy().tobytes()))
+
+    @staticmethod
+    def encode(img):
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=95)
+        return Jpeg(buf.getvalue(), img.size)
+
+
+def rrc_spec(jpeg, img_size, scale, ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop + RandomHorizontalFlip's draws on a Jpeg's size, in their order: the crop_spec row."""
+    (w, h), out = jpeg.size, image_size(img_size)
+    top, left, ch, cw = T.RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(3, h, w), scale, ratio)
+    return [h, w, top, left, ch, cw, *out, int(torch.rand(1) < 0.5)]
+
+
+class JpegBatch(list):
+    """The Jpegs of a batch: collate keeps them a list on the host (decode_jpeg takes host bytes); to_device rebuilds
+    it as a JpegBatch and moves nothing (a Jpeg is not a tensor)."""
+
+
+def collate(samples):
+    """default_collate, except that Jpeg fields become a JpegBatch."""
+    if isinstance(samples[0], Jpeg):
+        return JpegBatch(samples)
+    if isinstance(samples[0], (tuple, list)):
+        return [collate(list(f)) for f in zip(*samples)]
+    return torch.utils.data.default_collate(samples)
+
+
+def crop_spec(img, spec):
+    """One view from a decoded uint8 (C, H, W) image by its row [rh, rw, top, left, h, w, out_h, out_w, flip]: resize to
+    rh x rw (bicubic, antialiased; skipped when equal), the h x w window at (top, left), its out-of-image part reflected,
+    resized to out_h x out_w (skipped when equal), flipped."""
+    rh, rw, t, l, h, w, oh, ow, flip = spec
+    bicubic = lambda x, size: v2.functional.resize(x, size, T.InterpolationMode.BICUBIC, antialias=True)
+    x = img if img.shape[1:] == (rh, rw) else bicubic(img, [rh, rw])
+    x = x[:, max(t, 0):t + h, max(l, 0):l + w]
+    pad = (max(-l, 0), max(l + w - rw, 0), max(-t, 0), max(t + h - rh, 0))
+    x = F.pad(x[None].float(), pad, mode="reflect")[0].to(x.dtype) if any(pad) else x
+    x = x if (h, w) == (oh, ow) else bicubic(x, [oh, ow])
+    return x.flip(-1) if flip else x
+
+
+def decode_views(batch, device):
+    """A JpegBatch -> its views, each a uint8 (B, 3, H, W) batch on `device`: one batched decode_jpeg (nvJPEG on CUDA),
+    then crop_spec per image and view. A batch nvJPEG refuses is decoded image by image on the CPU."""
+    data, rgb = [j.data for j in batch], torchvision.io.ImageReadMode.RGB
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its image io (for TorchCodec); it still works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            imgs = torchvision.io.decode_jpeg(data, mode=rgb, device=device)
+        except RuntimeError:
+            imgs = [torchvision.io.decode_jpeg(d, mode=rgb).to(device) for d in data]
+    return [torch.stack([crop_spec(img, j.views[v]) for img, j in zip(imgs, batch)]) for v in range(len(batch[0].views))]
 
 
 # ---- colour augmentation on the device: the worker decodes and crops, the step does the rest (per sample) ----
@@ -310,465 +483,3 @@ def three_augment(x, params=None):
     x = torch.where(pick == 0, gray(x).expand_as(x), x)
     x = torch.where((pick == 1) & (x >= 128 / 255), 1 - x, x)  # solarize: invert at and above 128 of 255
     return 255 * torch.where(pick == 2, gaussian_blur(x, q["sigma"]), x)
-
-
-def crop_flip(img_size=224, scale=(0.08, 1.0)):
-    """Random resized crop (bicubic) + horizontal flip: the linear probe's training crop (MAE, scale (0.08, 1))
-    and SemanticMIM's pretraining one (scale (0.5, 1), App. E). Returns PIL."""
-    return T.Compose([T.RandomResizedCrop(image_size(img_size), scale=scale, interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip()])
-
-
-def center_crop(img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, uint8=False):
-    """Evaluation: resize to img_size * 256 / 224 (bicubic; the longer side of a non-square size), centre crop
-    img_size -> normalised tensor, or with uint8 the uint8 tensor (normalize_batch finishes on the device)."""
-    size = image_size(img_size)
-    return T.Compose([T.Resize(int(max(size) * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(size), to_uint8(len(mean)) if uint8 else normalize(mean, std)])
-
-
-# ---- optional GPU JPEG decode (--decode device): the worker reads the file and draws the crop, the device decodes ----
-
-class Jpeg:
-    """A JPEG's bytes (uint8 (n,) tensor) and its size (W, H), not decoded; after a view transform also `views`, the
-    crops to take (crop_spec rows). Files nvJPEG cannot take as they are (not JPEG, e.g. a PNG named .JPEG; CMYK;
-    16-bit; an EXIF rotation, which decode_jpeg applies on the CPU only; no end marker, i.e. truncated) are decoded
-    here by read_image and re-encoded at quality 95: rare in ImageNet, lossy for those few."""
-    def __init__(self, data, size):
-        self.data, self.size, self.views = torch.frombuffer(bytearray(data), dtype=torch.uint8), size, None
-
-    @staticmethod
-    def read(path):
-        with open(path, "rb") as f:
-            raw = f.read()
-        with Image.open(io.BytesIO(raw)) as im:
-            plain = im.format == "JPEG" and im.mode in ("RGB", "L") and im.getexif().get(0x0112, 1) == 1
-            size = im.size
-        return Jpeg(raw, size) if plain and raw.rstrip(b"\0")[-2:] == b"\xff\xd9" else Jpeg.encode(read_image(path))
-
-    @staticmethod
-    def encode(img):
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=95)
-        return Jpeg(buf.getvalue(), img.size)
-
-
-def rrc_spec(jpeg, img_size, scale, ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop + RandomHorizontalFlip's draws on a Jpeg's size, in their order: the crop_spec row."""
-    (w, h), out = jpeg.size, image_size(img_size)
-    top, left, ch, cw = T.RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(3, h, w), scale, ratio)
-    return [h, w, top, left, ch, cw, *out, int(torch.rand(1) < 0.5)]
-
-
-def src_spec(jpeg, img_size, padding=4):
-    """src_resize + src_crop's draws on a Jpeg's size: the crop_spec row (the window may reach `padding` px outside)."""
-    (w, h), (th, tw) = jpeg.size, image_size(img_size)
-    s = max(th, tw)
-    rh, rw = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)  # torchvision's Resize(int): shorter side to s
-    i = int(torch.randint(0, rh + 2 * padding - th + 1, (1,))) - padding
-    j = int(torch.randint(0, rw + 2 * padding - tw + 1, (1,))) - padding
-    return [rh, rw, i, j, th, tw, th, tw, int(torch.rand(1) < 0.5)]
-
-
-class JpegBatch(list):
-    """The Jpegs of a batch: collate keeps them a list on the host (decode_jpeg takes host bytes); to_device rebuilds
-    it as a JpegBatch and moves nothing (a Jpeg is not a tensor)."""
-
-
-def collate(samples):
-    """default_collate, except that Jpeg fields become a JpegBatch."""
-    if isinstance(samples[0], Jpeg):
-        return JpegBatch(samples)
-    if isinstance(samples[0], (tuple, list)):
-        return [collate(list(f)) for f in zip(*samples)]
-    return torch.utils.data.default_collate(samples)
-
-
-def crop_spec(img, spec):
-    """One view from a decoded uint8 (C, H, W) image by its row [rh, rw, top, left, h, w, out_h, out_w, flip]: resize to
-    rh x rw (bicubic, antialiased; skipped when equal), the h x w window at (top, left), its out-of-image part reflected,
-    resized to out_h x out_w (skipped when equal), flipped."""
-    rh, rw, t, l, h, w, oh, ow, flip = spec
-    bicubic = lambda x, size: v2.functional.resize(x, size, T.InterpolationMode.BICUBIC, antialias=True)
-    x = img if img.shape[1:] == (rh, rw) else bicubic(img, [rh, rw])
-    x = x[:, max(t, 0):t + h, max(l, 0):l + w]
-    pad = (max(-l, 0), max(l + w - rw, 0), max(-t, 0), max(t + h - rh, 0))
-    x = F.pad(x[None].float(), pad, mode="reflect")[0].to(x.dtype) if any(pad) else x
-    x = x if (h, w) == (oh, ow) else bicubic(x, [oh, ow])
-    return x.flip(-1) if flip else x
-
-
-def decode_views(batch, device):
-    """A JpegBatch -> its views, each a uint8 (B, 3, H, W) batch on `device`: one batched decode_jpeg (nvJPEG on CUDA),
-    then crop_spec per image and view. A batch nvJPEG refuses is decoded image by image on the CPU."""
-    data, rgb = [j.data for j in batch], torchvision.io.ImageReadMode.RGB
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates its image io (for TorchCodec); it still works
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            imgs = torchvision.io.decode_jpeg(data, mode=rgb, device=device)
-        except RuntimeError:
-            imgs = [torchvision.io.decode_jpeg(d, mode=rgb).to(device) for d in data]
-    return [torch.stack([crop_spec(img, j.views[v]) for img, j in zip(imgs, batch)]) for v in range(len(batch[0].views))]
-
-
-# ---- masks ----
-
-def simmim_mask(img_size=192, mask_patch=32, model_patch=16, ratio=0.6):
-    """SimMIM: mask ceil(ratio * cells) of the (img/mask_patch)^2 cells at random (22 of 36 at the
-    defaults), expanded to the model's patch grid. Returns (h, w) uint8 on the token grid, 1 = masked."""
-    (H, W), n = image_size(img_size), mask_patch // model_patch
-    if H % mask_patch or W % mask_patch or mask_patch % model_patch:
-        raise ValueError(f"mask patch {mask_patch} must divide the image size {img_size} and be a multiple "
-                         f"of the model's patch {model_patch}")
-    gh, gw = H // mask_patch, W // mask_patch
-    mask = torch.zeros(gh * gw, dtype=torch.uint8)
-    mask[torch.randperm(gh * gw)[:math.ceil(ratio * gh * gw)]] = 1
-    return mask.view(gh, gw).repeat_interleave(n, 0).repeat_interleave(n, 1)
-
-
-def random_masking(B, N, ratio, device=None):
-    """MAE: per sample, mask floor(ratio * N) patches chosen by argsort of uniform noise.
-    Returns ids_keep (B, N_keep), ids_restore (B, N) and mask (B, N) with 1 = removed, 0 = kept,
-    in the original patch order."""
-    n_keep = N - int(ratio * N)
-    ids_shuffle = torch.rand(B, N, device=device).argsort(dim=1)  # ascending: the first n_keep are kept
-    ids_restore = ids_shuffle.argsort(dim=1)
-    mask = (ids_restore >= n_keep).to(torch.float32)
-    return ids_shuffle[:, :n_keep], ids_restore, mask
-
-
-# ---- keypoints (KAMIM §3.2) ----
-
-DETECTORS = {"fast": cv2.FastFeatureDetector_create, "orb": cv2.ORB_create, "sift": cv2.SIFT_create}
-_detectors = {}  # one detector per name and process (making one costs more than FAST on a 192 px crop)
-
-
-def keypoint_map(img, detector="fast"):
-    """(H, W, 3) uint8 crop -> (H, W) uint8 map, 1 at each keypoint's (rounded) pixel (the paper's F).
-    OpenCV defaults (FAST: threshold 10, non-max suppression). The RGB array is passed as is (OpenCV reads
-    it as BGR for the grey conversion) to match the released keypoints exactly."""
-    if detector not in _detectors:
-        _detectors[detector] = DETECTORS[detector]()
-    kps = _detectors[detector].detect(np.ascontiguousarray(img), None)
-    F = np.zeros(img.shape[:2], np.uint8)
-    if kps:
-        x, y = np.rint(cv2.KeyPoint_convert(kps)).astype(np.int64).T  # (x, y) per keypoint
-        F[np.minimum(y, F.shape[0] - 1), np.minimum(x, F.shape[1] - 1)] = 1
-    return F
-
-
-# ---- loading ----
-
-class Seeded(torch.utils.data.Dataset):
-    """Applies `transform` (PIL -> anything) to `base` samples with the RNGs seeded from (seed, epoch, i):
-    the same sample is the same tensor whatever the worker count or resume point. Indexed by i (at self.epoch)
-    or by (epoch, i), as loader's sampler does: persistent workers hold their own copy of self.epoch."""
-    def __init__(self, base, transform, seed=0):
-        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        epoch, i = i if isinstance(i, tuple) else (self.epoch, i)
-        s = (self.seed * 1_000_003 + epoch) * 10_000_019 + i
-        py_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG alone (num_workers=0)
-            torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed would reset the GPU's too
-            random.seed(s)
-            img, label = self.base[i]
-            out = self.transform(img), label
-        random.setstate(py_state)
-        return out
-
-
-class Sampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler (one replica without torchrun) that can start mid-epoch: `skip` samples of
-    this rank's share are dropped, so a resumed run continues at the batch where it stopped. For a Seeded
-    dataset it yields (epoch, index): the workers can persist across epochs and still draw each epoch's crops."""
-    skip = 0
-
-    def __iter__(self):
-        ids = list(super().__iter__())[self.skip:]
-        return iter([(self.epoch, i) for i in ids] if isinstance(self.dataset, Seeded) else ids)
-
-    def __len__(self):
-        return super().__len__() - self.skip
-
-
-def worker_init(_):
-    cv2.setNumThreads(0)  # OpenCV threads inside DataLoader workers oversubscribe or deadlock (pytorch#1355)
-
-
-def loader(ds, batch_size, train=True, workers=8, seed=0):
-    """Rank-sharded DataLoader over a Seeded dataset; drop_last and shuffling for training; workers persist across
-    epochs (the sampler hands them the epoch with each index). Call set_epoch(loader, epoch, skip_batches) before
-    iterating each epoch."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    sampler = Sampler(ds, num_replicas=world, rank=rank, shuffle=train, seed=seed, drop_last=train)
-    return torch.utils.data.DataLoader(ds, batch_size, sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                                       drop_last=train, worker_init_fn=worker_init, persistent_workers=workers > 0, collate_fn=collate)
-
-
-def set_epoch(dl, epoch, skip_batches=0):
-    dl.sampler.set_epoch(epoch)
-    dl.sampler.skip = skip_batches * dl.batch_size
-    dl.dataset.epoch = epoch
-
-
-def to_device(batch, device, non_blocking=True):
-    """Every tensor of a (nested) tuple / list batch to `device`."""
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=non_blocking)
-    return type(batch)(to_device(b, device, non_blocking) for b in batch) if isinstance(batch, (list, tuple)) else batch
-
-
-def prefetch(batches, device):
-    """Yield the batches of `batches` on `device`, one ahead: on CUDA batch n + 1's copy is queued on a side stream
-    (asynchronous from pinned memory) before batch n is handed out, so it overlaps batch n's compute; the compute
-    stream waits for batch n's copy alone (its event), and record_stream keeps the allocator from reusing the
-    memory while the compute stream still reads it. On the CPU the same batches in the same order, moved (a no-op)."""
-    side = torch.cuda.Stream(device) if device.type == "cuda" else None
-    ahead = None
-    for b in batches:
-        b = _copy_on(side, b, device)
-        if ahead is not None:
-            yield _ready(*ahead)
-        ahead = b
-    if ahead is not None:
-        yield _ready(*ahead)
-
-
-def _copy_on(side, batch, device):
-    """(batch on device, the event its copy completes at; None off CUDA)."""
-    if side is None:
-        return to_device(batch, device), None
-    with torch.cuda.stream(side):
-        batch, done = to_device(batch, device), torch.cuda.Event()
-        done.record(side)
-    return batch, done
-
-
-def _ready(batch, done):
-    if done is not None:
-        compute = torch.cuda.current_stream()  # setup() made this rank's GPU the current device
-        compute.wait_event(done)
-        for t in _tensors(batch):
-            t.record_stream(compute)
-    return batch
-
-
-def _tensors(batch):
-    if torch.is_tensor(batch):
-        return [batch]
-    return [t for b in batch for t in _tensors(b)] if isinstance(batch, (list, tuple)) else []
-
-
-def train_steps(dl, epochs, accum, start=0, device=None):
-    """Yield (epoch, step, [accum micro-batches]) for optimiser steps start .. epochs * steps_per_epoch;
-    each epoch re-seeds the sampler, and a run resumed at `start` skips the batches already done. With a
-    `device`, the batches arrive there, copied one batch ahead (prefetch)."""
-    dl.sampler.skip = 0
-    per_epoch = len(dl) // accum
-    if per_epoch == 0:
-        raise ValueError(f"{len(dl.dataset)} images give no full step of {accum} x {dl.batch_size} per process")
-    for epoch in range(start // per_epoch, epochs):
-        first = max(start, epoch * per_epoch)
-        set_epoch(dl, epoch, (first - epoch * per_epoch) * accum)
-        it = iter(dl) if device is None else prefetch(dl, device)
-        for step in range(first, (epoch + 1) * per_epoch):
-            yield epoch, step, [next(it) for _ in range(accum)]
-
-
-# ---- run plumbing ----
-
-def setup(seed=0):
-    """Read torchrun's environment (plain `python script.py` is one process); init NCCL on GPU, gloo on
-    CPU. Seeds each rank differently. Returns (rank, world_size, device)."""
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    torch.manual_seed(seed + rank)
-    return rank, world, device
-
-
-def batch_split(global_batch, world, max_per_gpu):
-    """The user states the GLOBAL batch; returns (per-GPU micro-batch, gradient-accumulation steps)."""
-    per_rank = global_batch // world
-    if per_rank * world != global_batch:
-        raise ValueError(f"global batch {global_batch} is not divisible by {world} processes")
-    accum = math.ceil(per_rank / max_per_gpu)
-    while per_rank % accum:
-        accum += 1
-    return per_rank // accum, accum
-
-
-def cosine(step, total, warmup, peak, final=0.0, start=0.0):
-    """Linear warmup from `start` to `peak` over `warmup` steps, then half-cosine to `final` at `total`."""
-    if step < warmup:
-        return start + (peak - start) * step / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def timm_cosine(step, total, warmup, peak, final=0.0, start=0.0):
-    """timm's CosineLRScheduler (KAMIM's code): ONE cosine from step 0 to `total`, the warmup overriding its start."""
-    if step < warmup:
-        return start + (peak - start) * step / warmup
-    return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total))))
-
-
-def rng_state():
-    """This process's CPU and current-GPU generators (rank 0's is what a checkpoint holds)."""
-    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
-
-
-def set_rng_state(state, step=0):
-    """Rank 0 resumes its saved stream exactly; the other ranks (not saved) seed from (step, rank), so no two
-    ranks share a stream after a resume, whatever GPUs are visible now."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank:
-        torch.manual_seed(hash((step, rank)))
-        return
-    torch.set_rng_state(state["cpu"])
-    if torch.is_tensor(state["cuda"]) and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_checkpoint(state, out_dir, name="checkpoint.pt"):
-    """Atomic: write a temp file, then os.replace, so a kill mid-write never corrupts the last good one."""
-    path = os.path.join(out_dir, name)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    return path
-
-
-def load_checkpoint(out_dir, name="checkpoint.pt"):
-    """The checkpoint in out_dir to resume from (weights_only: no pickled code runs), or None. A file that is
-    not one (random bytes, a truncated copy) stops with its path and the fix, not torch's unpickling error."""
-    path = os.path.join(out_dir, name)
-    if not os.path.exists(path):
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"not a checkpoint (or a truncated one): {path} ({e.__class__.__name__}); delete it to "
-                         "start afresh, or give another --out") from None
-
-
-EXTENDING = ("epochs", "save_every", "log_every", "workers", "max_steps", "compile", "micro_batch", "out", "resume_anyway",
-             "cache_gib")
-
-
-def check_resume(saved, args, path):
-    """Auto-resume only the same run: flags that change its meaning (model, size, batch, method flags, seed, data)
-    stop with the differences and the two ways out; flags that only extend it (EXTENDING) are printed."""
-    same = lambda a, b: (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
-    new = vars(args)
-    diff = [k for k in sorted(set(saved) | set(new)) if not same(saved.get(k), new.get(k))]
-    show = lambda ks: "\n".join(f"  --{k.replace('_', '-')}: {saved.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in ks)
-    if [k for k in diff if k in EXTENDING]:
-        print(f"resuming {path} with:\n" + show([k for k in diff if k in EXTENDING]), flush=True)
-    changed = [k for k in diff if k not in EXTENDING]
-    if changed and not new.get("resume_anyway"):
-        raise SystemExit(f"{path} belongs to a run with other settings:\n{show(changed[:12])}\nGive a new --out for "
-                         "this run, or --resume-anyway to continue the old run with these flags.")
-
-
-def resume(out_dir, model, opt, probe=None, args=None, total=None):
-    """Auto-resume from out_dir/checkpoint.pt if any: weights, optimiser, RNG (and the online probe's head and
-    optimiser if both have one), after check_resume on `args`. Returns the step to go on from (0: none); a run
-    already at `total` says so (and trains nothing, so nothing is written)."""
-    ckpt, path = load_checkpoint(out_dir), os.path.join(out_dir, "checkpoint.pt")
-    if ckpt is None:
-        return 0
-    if ckpt.get("method", type(model).__name__) != type(model).__name__:
-        raise SystemExit(f"{path} was written by {ckpt['method']} pretraining (--model {ckpt['args'].get('model')}), not "
-                         f"{type(model).__name__}: give another --out")
-    if args is not None:
-        check_resume(ckpt["args"], args, path)
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    if probe is not None and ckpt.get("probe"):
-        probe.load_state_dict(ckpt["probe"])
-    set_rng_state(ckpt["rng"], ckpt["step"])
-    if total is not None and ckpt["step"] >= total:
-        print(f"{path}: already finished at step {ckpt['step']} of {total}; nothing to do", flush=True)
-    return ckpt["step"]
-
-
-def check_finite(loss, step, out_dir):
-    """Stop on a non-finite loss (float or 0-d tensor; syncs) before anything overwrites the last good checkpoint.
-    Under torchrun a collective (call it on every rank): a nan on any rank, which the gradient all-reduce has
-    already spread into every rank's weights, stops them all."""
-    loss = torch.tensor(float(loss), device="cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu")
-    if dist.is_initialized():
-        dist.all_reduce(loss)
-    if not math.isfinite(float(loss)):
-        raise SystemExit(f"non-finite loss ({float(loss)}) at step {step}: stopping without saving; "
-                         f"{os.path.join(out_dir, 'checkpoint.pt')} is the last good state")
-
-
-def save_run(out_dir, model, opt, step, args, probe=None):
-    """Pretraining checkpoint (rank 0): model, its encoder alone (what probes load), optimiser, step, RNG, vars(args),
-    and the online probe's state (None without one)."""
-    return save_checkpoint(dict(model=model.state_dict(), encoder=model.encoder.state_dict(), optimizer=opt.state_dict(),
-                                step=step, rng=rng_state(), args=vars(args), probe=probe and probe.state_dict(),
-                                method=type(model).__name__), out_dir)
-
-
-def log_json(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def run_info(args, device):
-    """The first JSON-lines record of a run: args, versions, device, git commit."""
-    git = subprocess.run("git rev-parse HEAD 2>/dev/null", shell=True, capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    return dict(args=vars(args), torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
-                device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-                git=git, time=time.strftime("%Y-%m-%d %H:%M:%S"))
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with "(default: X)" only where X is a value; a None default is resolved later and its help says so."""
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-POSITIVE = ("batch_size", "micro_batch", "epochs", "log_every", "save_every", "max_steps", "wps", "mask_patch",
-            "ref_batch", "knn_k", "decoder_dim", "decoder_depth", "decoder_heads", "head_hidden", "hog_bins", "hog_cell", "lr")
-NON_NEGATIVE = ("workers", "warmup_epochs", "weight_decay", "min_lr", "warmup_lr", "clip_grad", "drop_path", "hog_window")
-
-
-def check_flags(parser, args):
-    """The numeric flags the scripts share, checked in one place by every parse_args before any data or model work
-    (0 or a negative value never reaches a division or an optimiser)."""
-    for k, v in vars(args).items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and (k in POSITIVE and v <= 0 or k in NON_NEGATIVE and v < 0):
-            parser.error(f"--{k.replace('_', '-')} must be {'positive' if k in POSITIVE else '>= 0'} (got {v})")
-
-
-def eta(steps_left, seconds_per_step):
-    """Remaining time as text, e.g. '1h02m', from the recent seconds per step."""
-    m = int(steps_left * seconds_per_step // 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{int(steps_left * seconds_per_step) % 60:02d}s"
-
-
-def summary(out_dir, step, total, seconds):
-    """The closing lines of a run (rank 0)."""
-    print(f"{'finished' if step >= total else 'stopped'} at step {step} of {total} after {eta(1, seconds)}; the last loss "
-          f"line above has the final losses; checkpoint {os.path.join(out_dir, 'checkpoint.pt')}, log "
-          f"{os.path.join(out_dir, 'log.jsonl')}, figures {out_dir}/*.png", flush=True)
-
-
-def report(record, out_dir):
-    """One progress line on stdout and the same record appended to out_dir/log.jsonl (call on rank 0)."""
-    print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
-    log_json(os.path.join(out_dir, "log.jsonl"), record)
-

@@ -11,20 +11,17 @@ Presets (--protocol) set only what each paper states; every flag overrides its p
   semanticmim  SemanticMIM App. E Table 3 (BEiT's recipe, read with the released config beit_cls_ft.py)
 """
 import argparse
-import contextlib
-import json
 import os
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
-import abmilp_probe
 import data
+import run
 import vit
 
 # value: (setting, source). Keys are argparse dests. "blr" is the lr at ref_batch, scaled linearly.
@@ -52,6 +49,10 @@ PROTOCOLS = {
 PAPER = {"lut": ("LUT Table 1", {"vit_s": 82.0, "vit_b": 84.2, "vit_l": 86.0}), "mae": ("MAE FINETUNE.md", {"vit_b": 83.6, "vit_l": 85.9}),
          "kamim": ("KAMIM Table 1", {"vit_t": 70.41, "vit_s": 77.02, "vit_b": 77.30}),
          "semanticmim": ("SemanticMIM Table 1 (BEiT + Ours, FT CLS)", {"vit_b": 83.0})}
+
+# the demo (no --data) overrides only these: on 1.5k images no regulariser (the loss stayed at ln 6 with them)
+DEMO = dict(img_size=64, batch_size=128, ref_batch=128, blr=2e-3, epochs=14, warmup_epochs=1, layer_decay=1.0,
+            randaug=False, mixup=0.0, cutmix=0.0, drop_path=0.0, reprob=0.0, workers=1)
 
 
 # ---- the model ----
@@ -84,7 +85,7 @@ class Classifier(nn.Module):
 
 
 def build(args, num_classes):
-    enc = abmilp_probe.build_encoder(args.model, args.img_size, args.checkpoint, args.in_chans)  # strict load
+    enc = vit.build_encoder(args.model, args.img_size, args.checkpoint, args.in_chans)  # strict load
     model = vit.vit(args.model, args.img_size, in_chans=args.in_chans, prefix_tokens=enc.num_prefix,
                     drop_path=args.drop_path, learned_pos=True)  # MAE fine-tunes pos_embed
     if args.checkpoint:
@@ -121,97 +122,88 @@ def mix_batch(num_classes, mixup, cutmix):
     return v2.RandomChoice(ops) if ops else None
 
 
-evaluate = abmilp_probe.evaluate  # one val loop for the probe and here: each val image counted once
-
-
 # ---- training ----
 
 def train(args):
-    rank, world, device = data.setup(args.seed)
-    cuda = device.type == "cuda"
+    rank, world, device = run.setup(args.seed)
     train_ds = data.dataset(args.data, "train", labelled=True)
     val_ds = data.dataset(args.data, "val", labelled=True, classes=train_ds.classes)  # one class map: train's
     K = len(train_ds.classes)
     model = build(args, K).to(device)
-    micro, accum = data.batch_split(args.batch_size, world, args.micro_batch)
+    micro, accum = run.batch_split(args.batch_size, world, args.micro_batch)
     lr = args.blr * args.batch_size / args.ref_batch  # linear scaling rule
     groups = vit.param_groups(model, args.weight_decay, layer_decay=args.layer_decay)
-    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(args.betas), **({"fused": True} if cuda else {}))
+    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(args.betas), fused=device.type == "cuda")
     train_tf, val_tf = transforms(args)
-    dl = data.loader(data.Seeded(train_ds, train_tf, args.seed), micro, train=True, workers=args.workers, seed=args.seed)
+    dl = data.loader(data.Seeded(train_ds, train_tf, args.seed), micro, train=True, workers=args.workers,
+                     seed=args.seed)
     val_dl = data.loader(data.Seeded(val_ds, val_tf), micro, train=False, workers=args.workers)
     data.set_epoch(val_dl, 0)
     mix = mix_batch(K, args.mixup, args.cutmix)
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
-    os.makedirs(args.out, exist_ok=True)
-    step = data.resume(args.out, model, opt, args=args, total=total)  # auto-resume: weights, optimiser, RNG
-    best = data.load_checkpoint(args.out)["best"] if step else 0.0
+    step = run.resume(args.out, model, opt, args=args, total=total)  # weights, optimiser, step, RNG
+    best = run.load_checkpoint(args.out)["best"] if step else 0.0
     if rank == 0:
-        print("args:", "  ".join(f"{k}={v}" for k, v in vars(args).items()))
-        print(f"world {world}  global batch {args.batch_size} = {micro} x {accum} accumulation x {world} processes  "
-              f"lr {lr:.3g} (= {args.blr:g} x {args.batch_size}/{args.ref_batch})  {per_epoch} steps/epoch, {total} in all"
-              + (f"  resuming at step {step}" if step else ""))
-        if step == 0:
-            data.log_json(os.path.join(args.out, "log.jsonl"), data.run_info(args, device))
-    net = torch.compile(model) if args.compile else model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if cuda else None)
-    flops = 3 * vit.vit_forward_flops(model.encoder)
-    amp = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
-    loss_sum, n_log, t0, done, result = 0.0, 0, time.time(), 0, None
+        run.banner(args, device, world, micro, accum, f"{lr:.3g} (= {args.blr:g} x {args.batch_size}/"
+                   f"{args.ref_batch})", per_epoch, total, step)
+    net = run.distribute(model, device, args.compile)
+    flops, autocast = 3 * vit.vit_forward_flops(model.encoder), run.autocast(device)
+    sums, n_log, done, result, t0 = {}, 0, 0, None, time.time()
+    t_run = t0
     model.train()
-    for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start=step, device=device):  # batches prefetched to the device
-        lr_now = data.cosine(step, total, warmup, lr, final=args.min_lr)
+    for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, step, device):  # prefetched
+        lr_now = run.cosine(step, total, warmup, lr, final=args.min_lr)
         for g in opt.param_groups:
             g["lr"] = lr_now * g["lr_scale"]  # layer-wise lr decay
         for i, (x, y) in enumerate(micro_batches):
-            torch.manual_seed(hash((args.seed, step, rank, i)))  # mix and drop path: a pure function of the step (resume)
+            torch.manual_seed(hash((args.seed, step, rank, i)))  # mix and drop path: a pure function of the step
             x, y = mix(x, y) if mix else (x, y)  # soft labels (B, K)
-            sync = contextlib.nullcontext() if world == 1 or i == accum - 1 else net.no_sync()
-            with sync, amp:
+            with run.no_sync(net, i < accum - 1), autocast:
                 loss, terms = net(x, y)
                 (loss / accum).backward()
-            loss_sum = loss_sum + terms["loss"] / accum
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0) + v / accum
         if args.clip_grad:
             nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step, n_log, done = step + 1, n_log + 1, done + 1
-        if step % args.log_every == 0 or step == total or done == args.max_steps:
-            val = float(loss_sum) / n_log
-            data.check_finite(val, step, args.out)
-            ips = n_log * args.batch_size / (time.time() - t0)
+        epoch_end, stop = step % per_epoch == 0, step == total or done == args.max_steps
+        if step % args.log_every == 0 or epoch_end or stop:
+            vals = run.mean_terms(sums, n_log)  # one sync per log line
+            run.check_finite(sum(vals.values()), step, args.out)  # any term nan / inf makes the sum so
+            dt = time.time() - t0
             if rank == 0:
-                data.report(dict(epoch=epoch, step=step, loss=val, lr=lr_now, img_s=ips, tflops=ips * flops / 1e12,
-                                 mfu=vit.mfu(ips * flops / world, device)), args.out)
-            loss_sum, n_log, t0 = 0.0, 0, time.time()
-        end = step % per_epoch == 0 or step == total
-        if end:  # every epoch: the whole val set
-            result = evaluate(model, val_dl, device, args.mean, args.std)
+                run.report(dict(epoch=epoch, step=step, **vals, lr=lr_now,
+                                **run.throughput(n_log * args.batch_size, dt, flops, device),
+                                eta=run.eta(total - step, dt / n_log), **data.skipped(train_ds)), args.out)
+            sums, n_log, t0 = {}, 0, time.time()
+        if epoch_end or step == total:  # every epoch: the whole val set
+            result = run.evaluate(model, val_dl, device, args.mean, args.std)
             best = max(best, result[0])
             if rank == 0:
-                data.report(dict(epoch=epoch, step=step, top1=result[0], top5=result[1], best_top1=best, images=result[2]), args.out)
-        if end or step % args.save_every == 0 or done == args.max_steps:
-            data.check_finite(float(loss_sum), step, args.out)
+                run.report(dict(epoch=epoch, step=step, top1=result[0], top5=result[1], best_top1=best,
+                                images=result[2]), args.out)
+        if step % args.save_every == 0 or epoch_end or stop:
+            run.check_finite(sum(sums.values()), step, args.out)  # never overwrite the last good one
             if rank == 0:
-                data.save_checkpoint(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, best=best,
-                                          rng=data.rng_state(), args=vars(args)), args.out)
+                run.save_run(args.out, model, opt, step, args, best=best)
         if done == args.max_steps:
             break
-    result = result or evaluate(model, val_dl, device, args.mean, args.std)
+    result = result or run.evaluate(model, val_dl, device, args.mean, args.std)
     if rank == 0:
         name, nums = PAPER.get(args.protocol, (None, {}))
         paper = f"  {name}: {nums[args.model]}" if args.preset and args.model in nums else ""
-        print(f"fine-tuned {args.model} ({args.checkpoint or 'from scratch'}): top-1 {result[0]:.2f}  top-5 {result[1]:.2f}  "
-              f"best top-1 {max(best, result[0]):.2f}{paper}")
-    if world > 1:
-        dist.destroy_process_group()
+        print(f"fine-tuned {args.model} ({args.checkpoint or 'from scratch'}): top-1 {result[0]:.2f}  top-5 "
+              f"{result[1]:.2f}  best top-1 {max(best, result[0]):.2f}{paper}")
+        run.summary(args.out, step, total, time.time() - t_run)
+    run.finish(world)
     return result
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = run.parser(__doc__)
     a = p.add_argument
     a("--data", help="ImageNet folder with train/ and val/ class folders; absent: the demo (DemoShapes, vit_demo at 64 px, "
       "batch 128, 14 epochs of 12 steps, 1 warmup, blr 2e-3 at 128, and off: layer decay, RandAugment, MixUp / CutMix, drop "
@@ -225,7 +217,6 @@ def parse_args(argv=None):
       "1e-3 L/H; kamim §4.1 5e-3; semanticmim Table 3 4e-3")
     a("--ref-batch", type=int, help="batch --blr refers to: lut/mae 256 (MAE's rule), kamim 2048 (code), semanticmim 1024")
     a("--batch-size", type=int, help="GLOBAL batch: lut Table D 1024, mae 1024, kamim 2048 (code), semanticmim Table 3 1024")
-    a("--micro-batch", type=int, default=256, help="most images per GPU per forward; accumulation makes up the rest")
     a("--epochs", type=int, help="lut Table D 300 S / 100 B / 50 L; mae 100 B / 50 L, H; kamim §4.1 100; semanticmim 100")
     a("--warmup-epochs", type=int, help="lut Table D 5; mae 5; kamim §4.1 10; semanticmim 20 (released config)")
     a("--min-lr", type=float, help="cosine floor: 0 (MAE's code min_lr 1e-6 is ~0); semanticmim 1e-6 (config)")
@@ -250,24 +241,13 @@ def parse_args(argv=None):
       "full = resize to img x img (kamim §4.1.1)")
     a("--clip-grad", type=float, default=0.0, help="gradient-norm clip; 0 = none (MAE, Table 3)")
     a("--img-size", type=data.image_size, help="224 (Table D, MAE, Table 3); kamim 192")
-    a("--in-chans", type=int, default=3, choices=[1, 3])
-    a("--mean", type=float, nargs="+")
-    a("--std", type=float, nargs="+")
-    a("--out", default="runs/finetune", help="output folder: log.jsonl, checkpoint.pt (auto-resumed)")
-    a("--workers", type=int, help="loader processes per GPU (default 8; demo 1)")
-    a("--seed", type=int, default=0, help="seeds the head, every crop, mix and batch order")
-    a("--log-every", type=int, default=20)
-    a("--save-every", type=int, default=1000)
-    a("--max-steps", type=int, help="stop after this many optimiser steps in this invocation")
-    a("--compile", action="store_true")
-    a("--resume-anyway", action="store_true", help="resume --out's checkpoint even though flags that change the run differ")
+    run.shared_flags(p, out="runs/finetune", micro_batch=256)
     args = p.parse_args(argv)
     args.preset = args.data is not None
     args.model = args.model or ("vit_b" if args.data else "vit_demo")
     preset = {**dict(min_lr=0.0, randaug=False, trivial=False, fc_norm=True, eval_resize="crop"), **PROTOCOLS[args.protocol]}
-    if not args.data:  # the demo overrides only these (--help says which)
-        preset.update(img_size=64, batch_size=128, ref_batch=128, blr=2e-3, epochs=14, warmup_epochs=1, layer_decay=1.0,
-                      randaug=False, mixup=0.0, cutmix=0.0, drop_path=0.0, reprob=0.0, workers=1)  # 1.5k images: no regularisers
+    if not args.data:  # the demo overrides only DEMO's values (--help says which)
+        preset.update(DEMO)
     preset.setdefault("workers", 8)
     for k, v in preset.items():
         if getattr(args, k) is None:
@@ -275,12 +255,7 @@ def parse_args(argv=None):
             if v is None:
                 p.error(f"--protocol {args.protocol} gives no --{k.replace('_', '-')} for {args.model}: pass it")
             setattr(args, k, v)
-    data.check_flags(p, args)
-    args.img_size = data.image_size(args.img_size)
-    try:
-        args.mean, args.std = data.channel_stats(args.in_chans, args.mean, args.std)
-    except ValueError as e:
-        p.error(str(e))
+    run.check_flags(p, args)
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         p.error(f"--checkpoint {args.checkpoint} does not exist")
     if args.data and not os.path.isdir(args.data):
@@ -295,9 +270,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    print("resolved: " + json.dumps(vars(args)), flush=True)
-    return train(args)
+    return train(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -5,36 +5,100 @@ SimMIM (eq. 1): the encoder sees every patch, masked patches' embeddings replace
 KAMIM (eqs. 2-3): FAST keypoints on the augmented crop give a map F; its density Omega over wps x wps
 blocks gives a weight W >= 1 per block, which multiplies each masked pixel's l1 error.
 
-    python kamim.py                                           # CPU demo, a few minutes
-    torchrun --nproc_per_node=8 kamim.py --model vit_b --data /imagenet           # KAMIM, the paper
+    python kamim.py                                                              # CPU demo
+    torchrun --nproc_per_node=8 kamim.py --model vit_b --data /imagenet          # KAMIM, the paper
     torchrun --nproc_per_node=8 kamim.py --model vit_b --data /imagenet --detector none   # SimMIM
 
-The loader ships the cheap uint8 point map; Omega, W and the released code's circles are computed
-on the training device. Where the paper is silent the released code (For TPUs/) decides the default: circles
-(--keypoints points: the paper's single pixels), the uint8 crop without antialiasing (--antialias),
-a learned position table (--pos sincos), weight decay on every parameter (--decay-exclusions), timm's
-cosine (--lr-curve fresh); --clip-logits adds the code's clamp.
+The loader ships the cheap uint8 point map; Omega, W and the released code's circles are computed on
+the training device. Where the paper is silent the released code (For TPUs/) decides the default:
+circles (--keypoints points: the paper's single pixels), the uint8 crop without antialiasing
+(--antialias), a learned position table (--pos sincos), weight decay on every parameter
+(--decay-exclusions), timm's cosine (--lr-curve fresh); --clip-logits adds the code's clamp.
 """
 import argparse
-import contextlib
+import math
 import os
 import time
 
+import cv2
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.transforms import v2 as T
+from torchvision import transforms as T
+from torchvision.transforms import v2
 from torchvision.utils import save_image
 
 import data
 import online_probe
+import run
 import vit
 
 REF_BATCH = 2048  # the global batch the paper's lr 8e-4 belongs to (released code; the paper gives none)
-# cv2.drawKeypoints' circle for a FAST keypoint (size 7, integer centre), as a 9 x 9 stamp: centre 3 x 3 empty
-RING = torch.tensor([[int(c) for c in row] for row in
-                     "000111000 001111100 011111110 111000111 111000111 111000111 011111110 001111100 000111000".split()])
+# the paper's run (§4.1; batch and lr's batch: released code) and the CPU demo (no --data): the
+# paper's 12x12 token / 6x6 mask-cell / 24x24 weight geometry at half scale; demo lr 3.2e-2 is 2e-3 at
+# its batch 128 (the paper's 5e-5 there barely moves)
+PAPER = dict(model="vit_b", img_size=192, batch_size=2048, epochs=100, warmup_epochs=10, wps=8,
+             mask_patch=32, workers=8, lr=8e-4)
+DEMO = dict(model="vit_demo", img_size=96, batch_size=128, epochs=6, warmup_epochs=1, wps=4,
+            mask_patch=16, workers=1, lr=3.2e-2)
+# cv2.drawKeypoints' circle for a FAST keypoint (size 7, integer centre), a 9 x 9 stamp: centre 3 x 3 empty
+RING = torch.tensor([[int(c) for c in row] for row in "000111000 001111100 011111110 111000111 111000111 "
+                     "111000111 011111110 001111100 000111000".split()])
+
+
+# ---- keypoints, crop and mask (§3.2, §4.1) ----
+
+DETECTORS = {"fast": cv2.FastFeatureDetector_create, "orb": cv2.ORB_create, "sift": cv2.SIFT_create}
+_detectors = {}  # one detector per name and process (making one costs more than FAST on a 192 px crop)
+
+
+def keypoint_map(img, detector="fast"):
+    """(H, W, 3) uint8 crop -> (H, W) uint8 map, 1 at each keypoint's (rounded) pixel (the paper's F).
+    OpenCV defaults (FAST: threshold 10, non-max suppression). The RGB array is passed as is (OpenCV
+    reads it as BGR for the grey conversion) to match the released keypoints exactly."""
+    if detector not in _detectors:
+        _detectors[detector] = DETECTORS[detector]()
+    kps = _detectors[detector].detect(np.ascontiguousarray(img), None)
+    F = np.zeros(img.shape[:2], np.uint8)
+    if kps:
+        x, y = np.rint(cv2.KeyPoint_convert(kps)).astype(np.int64).T  # (x, y) per keypoint
+        F[np.minimum(y, F.shape[0] - 1), np.minimum(x, F.shape[1] - 1)] = 1
+    return F
+
+
+def kamim_crop(img_size=192, antialias=False):
+    """KAMIM / SimMIM (§4.1): random resized crop, scale (0.67, 1), ratio (3/4, 4/3), then vertical and
+    horizontal flips, p 0.5 each. PIL RGB -> the (H, W, 3) uint8 array FAST runs on and the model
+    receives. Default = the released loader: torchvision v2 on a uint8 tensor, bilinear, antialias=False
+    (T = 0.25 was tuned on it); antialias=True: the PIL crop (always antialiased: ~27 % fewer FAST
+    keypoints)."""
+    size, rrc = data.image_size(img_size), dict(scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3))
+    if antialias:
+        tf = T.Compose([T.RandomResizedCrop(size, **rrc), T.RandomVerticalFlip(), T.RandomHorizontalFlip(),
+                        T.PILToTensor()])
+    else:
+        tf = T.Compose([v2.PILToTensor(), v2.RandomResizedCrop(size, **rrc, antialias=False),
+                        v2.RandomVerticalFlip(), v2.RandomHorizontalFlip()])
+    return T.Compose([tf, _hwc])
+
+
+def _hwc(x):
+    """(C, H, W) uint8 tensor -> (H, W, C) uint8 array (a named function: loader workers pickle it)."""
+    return x.permute(1, 2, 0).contiguous().numpy()
+
+
+def simmim_mask(img_size=192, mask_patch=32, model_patch=16, ratio=0.6):
+    """SimMIM: mask ceil(ratio * cells) of the (img/mask_patch)^2 cells at random (22 of 36 at the
+    defaults), expanded to the model's patch grid. Returns (h, w) uint8 on the token grid, 1 = masked."""
+    (H, W), n = data.image_size(img_size), mask_patch // model_patch
+    if H % mask_patch or W % mask_patch or mask_patch % model_patch:
+        raise ValueError(f"mask patch {mask_patch} must divide the image size {img_size} and be a multiple "
+                         f"of the model's patch {model_patch}")
+    gh, gw = H // mask_patch, W // mask_patch
+    mask = torch.zeros(gh * gw, dtype=torch.uint8)
+    mask[torch.randperm(gh * gw)[:math.ceil(ratio * gh * gw)]] = 1
+    return mask.view(gh, gw).repeat_interleave(n, 0).repeat_interleave(n, 1)
 
 
 # ---- the paper's pieces ----
@@ -134,20 +198,22 @@ def train_flops(model):
 # ---- data hook ----
 
 class KamimTransform:
-    """PIL -> (image (C, H, W) uint8, mask (H/p, W/p) uint8 1 = masked[, point map F (H, W) uint8]); the step
-    normalises the image on the device. Keypoints are found on the augmented RGB crop, after both flips (§4.1)."""
+    """PIL -> (image (C, H, W) uint8, mask (H/p, W/p) uint8 1 = masked[, point map F (H, W) uint8]); the
+    step normalises the image on the device. Keypoints are found on the augmented RGB crop, after both
+    flips (§4.1)."""
     def __init__(self, img_size, model_patch, mask_patch=32, mask_ratio=0.6, detector="fast", in_chans=3,
                  antialias=False):
-        self.crop, self.in_chans = data.kamim_crop(img_size, antialias), in_chans  # released crop: uint8, no antialias
-        self.mask_args, self.detector = (img_size, mask_patch, model_patch, mask_ratio), detector  # no lambda: picklable
+        self.crop, self.in_chans = kamim_crop(img_size, antialias), in_chans  # released: uint8, no antialias
+        self.mask_args = (img_size, mask_patch, model_patch, mask_ratio)  # no lambda: picklable
+        self.detector = detector
 
     def __call__(self, img):
         crop = self.crop(img)  # (H, W, 3) uint8, flipped: FAST sees exactly the pixels the model receives
         x = torch.from_numpy(crop).permute(2, 0, 1)  # (3, H, W) uint8
-        out = (T.functional.rgb_to_grayscale(x) if self.in_chans == 1 else x, data.simmim_mask(*self.mask_args))
+        out = (v2.functional.rgb_to_grayscale(x) if self.in_chans == 1 else x, simmim_mask(*self.mask_args))
         if self.detector == "none":  # SimMIM: no keypoint work at all
             return out
-        return out + (torch.from_numpy(data.keypoint_map(crop, self.detector)),)
+        return out + (torch.from_numpy(keypoint_map(crop, self.detector)),)
 
 
 @torch.no_grad()
@@ -162,7 +228,8 @@ def save_figure(model, batch, path, mean=data.IMAGENET_MEAN, std=data.IMAGENET_S
     rows = [show(img), show(img) * (1 - m)]
     if points is not None:
         W = model.weights(points)
-        rows.append((F.interpolate(W, size=img.shape[-2:]) / W.amax(dim=(1, 2, 3), keepdim=True)).expand(-1, 3, -1, -1))
+        W = F.interpolate(W, size=img.shape[-2:]) / W.amax(dim=(1, 2, 3), keepdim=True)
+        rows.append(W.expand(-1, 3, -1, -1))
     rows.append(show(img * (1 - m) + pred * m))
     save_image(torch.cat(rows), path, nrow=img.shape[0])
 
@@ -170,151 +237,127 @@ def save_figure(model, batch, path, mean=data.IMAGENET_MEAN, std=data.IMAGENET_S
 # ---- training ----
 
 def train(args):
-    rank, world, device = data.setup(args.seed)
-    cuda = device.type == "cuda"
-    micro, accum = data.batch_split(args.batch_size, world, args.micro_batch or args.batch_size)
-    # the released code sets an absolute lr (8e-4 at its batch 2048); we scale linearly (this project's convention,
-    # Goyal et al. 2017 as SimMIM / MAE) and scale the warmup start and the floor alike (issue 15: they belong to 2048)
+    rank, world, device = run.setup(args.seed)
+    micro, accum = run.batch_split(args.batch_size, world, args.micro_batch or args.batch_size)
+    # the released code sets an absolute lr (8e-4 at its batch 2048); we scale linearly (SimMIM, MAE) and
+    # scale the warmup start and the floor alike (they belong to 2048)
     lr, min_lr, warmup_lr = (v * args.batch_size / REF_BATCH for v in (args.lr, args.min_lr, args.warmup_lr))
-    encoder = vit.vit(args.model, img_size=args.img_size, in_chans=args.in_chans, learned_pos=args.pos == "learned")
+    encoder = vit.vit(args.model, img_size=args.img_size, in_chans=args.in_chans,
+                      learned_pos=args.pos == "learned")
     model = KAMIM(encoder, args.wps, args.temperature, args.keypoints == "circles",
                   20.0 if args.clip_logits else None).to(device)
-    groups = (vit.param_groups(model, args.weight_decay) if args.decay_exclusions  # none on norms, biases, tokens
-              else [dict(params=list(model.parameters()), weight_decay=args.weight_decay, lr_scale=1.0)])  # released code
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), **({"fused": True} if cuda else {}))
-    ds = data.Seeded(data.dataset(args.data, "train"), KamimTransform(args.img_size, encoder.patch_size, args.mask_patch,
-                                                                     args.mask_ratio, args.detector, args.in_chans,
-                                                                     args.antialias), args.seed)
+    groups = (vit.param_groups(model, args.weight_decay) if args.decay_exclusions  # none on norms, biases
+              else [dict(params=list(model.parameters()), weight_decay=args.weight_decay, lr_scale=1.0)])
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+    transform = KamimTransform(args.img_size, encoder.patch_size, args.mask_patch, args.mask_ratio,
+                               args.detector, args.in_chans, args.antialias)
+    ds = data.Seeded(data.dataset(args.data, "train"), transform, args.seed)
     dl = data.loader(ds, micro, train=True, workers=args.workers, seed=args.seed)
     probe, held = online_probe.online_probe(args, encoder, ds.base, device)  # (None, None) without labels
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
-    os.makedirs(args.out, exist_ok=True)
-    step = data.resume(args.out, model, opt, probe, args, total)  # auto-resume: weights, optimiser, step, RNG
+    step = run.resume(args.out, model, opt, probe, args, total)  # weights, optimiser, step, RNG
     if rank == 0:
-        print("args:", "  ".join(f"{k}={v}" for k, v in vars(args).items()))
-        print(f"world {world}  global batch {args.batch_size} = {micro} x {accum} accumulation x {world} processes  "
-              f"lr {lr:.3g} (= {args.lr:g} x {args.batch_size}/{REF_BATCH})  {per_epoch} steps/epoch, {total} in all"
-              + (f"  resuming at step {step}" if step else ""))
-        if step == 0:
-            data.log_json(os.path.join(args.out, "log.jsonl"), data.run_info(args, device))
-    net = torch.compile(model) if args.compile else model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if cuda else None)
-    flops = train_flops(model)
-    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
-    sums, n_log, t0, last, done = {}, 0, time.time(), None, 0
+        run.banner(args, device, world, micro, accum, f"{lr:.3g} (= {args.lr:g} x {args.batch_size}/"
+                   f"{REF_BATCH})", per_epoch, total, step)
+    net = run.distribute(model, device, args.compile)
+    flops, autocast = train_flops(model), run.autocast(device)
+    sums, n_log, done, last, t0 = {}, 0, 0, None, time.time()
     t_run = t0
     model.train()
-    for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start=step, device=device):
-        lr_now = (data.timm_cosine if args.lr_curve == "timm" else data.cosine)(step, total, warmup, lr, min_lr, warmup_lr)
+    for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, step, device):  # prefetched
+        schedule = run.timm_cosine if args.lr_curve == "timm" else run.cosine
+        lr_now = schedule(step, total, warmup, lr, min_lr, warmup_lr)
         for g in opt.param_groups:
             g["lr"] = lr_now * g["lr_scale"]
         for i, (batch, y) in enumerate(micro_batches):
-            batch[0] = data.normalize_batch(batch[0], args.mean, args.std)  # uint8 from the loader, on the device (prefetched)
-            sync = contextlib.nullcontext() if world == 1 or i == accum - 1 else net.no_sync()
-            with sync, autocast:
+            batch[0] = data.normalize_batch(batch[0], args.mean, args.std)  # uint8 from the loader
+            with run.no_sync(net, i < accum - 1), autocast:
                 loss, terms = net(*batch)
                 (loss / accum).backward()
             if probe:  # after backward: its own no-grad forward of the unmasked image, its own step
                 probe.step(model.encoder, batch[0], y.to(device))
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v / accum
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        if args.clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step, n_log, done, last = step + 1, n_log + 1, done + 1, batch
-        if step % args.log_every == 0 or step % per_epoch == 0 or step == total or done == args.max_steps:
-            vals = {k: v.item() / n_log for k, v in sums.items()}  # one sync per log line
-            data.check_finite(sum(vals.values()), step, args.out)  # any term nan / inf makes the sum so
+        epoch_end, stop = step % per_epoch == 0, step == total or done == args.max_steps
+        if step % args.log_every == 0 or epoch_end or stop:
+            vals = run.mean_terms(sums, n_log)  # one sync per log line
+            run.check_finite(sum(vals.values()), step, args.out)  # any term nan / inf makes the sum so
             dt = time.time() - t0
-            ips = n_log * args.batch_size / dt
             if rank == 0:
-                data.report(dict(epoch=epoch, step=step, **vals, **({"probe_top1": probe.top1()} if probe else {}),
-                                 lr=lr_now, img_s=ips, tflops=ips * flops / 1e12, eta=data.eta(total - step, dt / n_log),
-                                 **data.skipped(ds),
-                                 mfu=vit.mfu(ips * flops / world, device)), args.out)
+                run.report(dict(epoch=epoch, step=step, **vals, **online_probe.train_top1(probe), lr=lr_now,
+                                **run.throughput(n_log * args.batch_size, dt, flops, device),
+                                eta=run.eta(total - step, dt / n_log), **data.skipped(ds)), args.out)
             sums, n_log, t0 = {}, 0, time.time()
-        end_of_epoch = step % per_epoch == 0
-        if step % args.save_every == 0 or end_of_epoch or step == total or done == args.max_steps:
-            data.check_finite(sum(sums.values()), step, args.out)  # never overwrite the last good one
+        if step % args.save_every == 0 or epoch_end or stop:
+            run.check_finite(sum(sums.values()), step, args.out)  # never overwrite the last good one
             if rank == 0:
-                data.save_run(args.out, model, opt, step, args, probe)
-        if end_of_epoch and rank == 0 and held:
-            data.report(dict(epoch=epoch, step=step, probe_val_top1=online_probe.held_out_top1(probe, model.encoder, held)), args.out)
-        if end_of_epoch and rank == 0:
+                run.save_run(args.out, model, opt, step, args, encoder=model.encoder.state_dict(),
+                             probe=probe and probe.state_dict())
+        if epoch_end and rank == 0:
+            online_probe.report_held_out(probe, model.encoder, held, epoch, step, args.out)
             save_figure(model, last, os.path.join(args.out, f"epoch{epoch:03d}.png"), args.mean, args.std)
         if done == args.max_steps:
             break
     if rank == 0:
-        data.summary(args.out, step, total, time.time() - t_run)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+        run.summary(args.out, step, total, time.time() - t_run)
+    run.finish(world)
     return model
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = run.parser(__doc__)
     a = p.add_argument
-    a("--data", default=None, help="ImageNet folder (PATH/train/...) or a folder of images; absent = the built-in "
-      "demo (DemoShapes) with vit_demo at 96 px, mask patch 16, wps 4 (the paper's 12x12 token / 6x6 mask-cell / "
-      "24x24 weight geometry at half scale), batch 128, 6 epochs (1 warmup), demo lr 3.2e-2 (2e-3 at batch 128)")
-    a("--model", default=None, choices=list(vit.CONFIGS), help="encoder; the paper: vit_t / vit_s / vit_b (default vit_b)")
-    a("--img-size", type=data.image_size, default=None, help="crop size; §4.1: 192; HxW (e.g. 192x256) for a non-square one")
-    a("--in-chans", type=int, default=3, choices=[1, 3], help="image channels: 3 (RGB) or 1 (images read as grayscale)")
-    a("--mean", type=float, nargs="+", help="per-channel normalisation mean (default ImageNet's; one channel: its average)")
-    a("--std", type=float, nargs="+", help="per-channel normalisation std (default ImageNet's; one channel: its average)")
+    a("--data", default=None, help="ImageNet folder (PATH/train/...) or a folder of images; absent = the "
+      "built-in demo (DemoShapes) with DEMO's values: vit_demo at 96 px, mask patch 16, wps 4, batch 128, "
+      "6 epochs (1 warmup), demo lr 3.2e-2 (2e-3 at batch 128)")
+    a("--model", default=None, choices=list(vit.CONFIGS), help="encoder; the paper: vit_t / vit_s / vit_b "
+      "(default vit_b)")
+    a("--img-size", type=data.image_size, default=None, help="crop size; §4.1: 192; HxW (e.g. 192x256) for a "
+      "non-square one")
     a("--batch-size", type=int, default=None, help="GLOBAL batch; released code: 2048 (the paper gives none)")
-    a("--micro-batch", type=int, default=None, help="most images per GPU per forward; accumulation reaches --batch-size")
-    a("--lr", type=float, default=None, help="peak lr at batch 2048 (§4.1: 8e-4; demo 3.2e-2, i.e. 2e-3 at its batch "
-      "128, so that 72 CPU steps visibly learn), scaled linearly to --batch-size")
-    a("--warmup-lr", type=float, default=1e-6, help="lr the warmup starts from at batch 2048 (released code), scaled like --lr")
-    a("--min-lr", type=float, default=1e-5, help="the cosine's floor at batch 2048 (released code), scaled like --lr")
+    a("--lr", type=float, default=None, help="peak lr at batch 2048 (§4.1: 8e-4; demo 3.2e-2, i.e. 2e-3 at "
+      "its batch 128, so that 72 CPU steps visibly learn), scaled linearly to --batch-size")
+    a("--warmup-lr", type=float, default=1e-6, help="lr the warmup starts from at batch 2048 (released "
+      "code), scaled like --lr")
+    a("--min-lr", type=float, default=1e-5, help="the cosine's floor at batch 2048 (released code), scaled "
+      "like --lr")
     a("--lr-curve", default="timm", choices=["timm", "fresh"], help="timm (default, released code: timm's "
       "CosineLRScheduler, one cosine over all epochs, the linear warmup overriding its start); fresh: a new "
       "half-cosine from the peak after warmup")
     a("--epochs", type=int, default=None, help="§4.1: 100 (the released loop then runs 10 more at the floor)")
     a("--warmup-epochs", type=int, default=None, help="§4.1: 10")
     a("--weight-decay", type=float, default=0.05, help="AdamW, §4.1: 0.05, betas (0.9, 0.999)")
-    a("--decay-exclusions", action="store_true", help="no weight decay on norms, biases, tokens, positions (MAE's "
-      "habit); default: every parameter decays, as the released code (the paper is silent)")
-    a("--antialias", action="store_true", help="crop the PIL image (antialiased) instead of the released loader's "
-      "uint8 tensor crop without antialiasing (the default, on which T = 0.25 was tuned)")
+    a("--decay-exclusions", action="store_true", help="no weight decay on norms, biases, tokens, positions "
+      "(MAE's habit); default: every parameter decays, as the released code (the paper is silent)")
+    a("--antialias", action="store_true", help="crop the PIL image (antialiased) instead of the released "
+      "loader's uint8 tensor crop without antialiasing (the default, on which T = 0.25 was tuned)")
     a("--pos", default="learned", choices=["learned", "sincos"], help="absolute position embedding: learned, "
       "trunc-normal 0.02 (released code: Hugging Face ViT; Table 1's counts) or fixed 2-D sin-cos")
-    a("--clip-grad", type=float, default=1.0, help="gradient-norm clip (released code: 1.0)")
-    a("--detector", default="fast", choices=["fast", "orb", "sift", "none"], help="keypoints for F (§3.2, Table 4: "
-      "FAST; ORB, SIFT); none = plain SimMIM, no keypoint work in the loader")
+    a("--clip-grad", type=float, default=1.0, help="gradient-norm clip (released code: 1.0); 0 = none")
+    a("--detector", default="fast", choices=["fast", "orb", "sift", "none"], help="keypoints for F (§3.2, "
+      "Table 4: FAST; ORB, SIFT); none = plain SimMIM, no keypoint work in the loader")
     a("--wps", type=int, default=None, help="weight patch size, Table 2: 8 (demo 4)")
     a("--temperature", type=float, default=0.25, help="T of eq. 2, Table 2: 0.25; larger = closer to SimMIM")
-    a("--keypoints", default="circles", choices=["circles", "points"], help="F as the released code drew it (circles, "
-      "which produced the paper's numbers and for which T was tuned) or the single pixels §3.3.1 describes")
+    a("--keypoints", default="circles", choices=["circles", "points"], help="F as the released code drew it "
+      "(circles, which produced the paper's numbers and for which T was tuned) or the single pixels §3.3.1 "
+      "describes")
     a("--clip-logits", action="store_true", help="released code: clamp Omega/T to [-20, 20] before exp (eq. 2)")
     a("--mask-patch", type=int, default=None, help="mask cell size, §4.1: 32 (demo 16)")
     a("--mask-ratio", type=float, default=0.6, help="§4.1: 0.6 of the cells, rounded up (22 of 36)")
-    a("--out", default="runs/kamim", help="output folder (default %(default)s): log.jsonl, checkpoint.pt (auto-resumed), figures")
-    a("--workers", type=int, default=None, help="data-loader processes per GPU (default 8; demo 1)")
-    a("--seed", type=int, default=0, help="every crop, mask and batch order follows from (seed, epoch, index)")
-    a("--log-every", type=int, default=20, help="optimiser steps per log line (default %(default)s)")
-    a("--save-every", type=int, default=1000, help="optimiser steps per checkpoint, also at each epoch end (default %(default)s)")
-    a("--max-steps", type=int, default=None, help="stop after this many optimiser steps in this invocation")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--online-probe", action=argparse.BooleanOptionalAction, help="BN + linear probe on the detached encoder "
-      "(logs probe_top1; never changes pretraining); default on when the data has class folders and in the demo")
-    a("--resume-anyway", action="store_true", help="resume --out's checkpoint even though flags that change the run differ")
+    a("--online-probe", action=argparse.BooleanOptionalAction, help="BN + linear probe on the detached "
+      "encoder (logs probe_top1; never changes pretraining); default on when the data has class folders "
+      "and in the demo")
+    run.shared_flags(p, out="runs/kamim")
     args = p.parse_args(argv)
-    paper, demo = dict(model="vit_b", img_size=192, batch_size=2048, epochs=100, warmup_epochs=10, wps=8, mask_patch=32, workers=8,
-                       lr=8e-4), dict(model="vit_demo", img_size=96, batch_size=128, epochs=6, warmup_epochs=1, wps=4,
-                                      mask_patch=16, workers=1, lr=3.2e-2)  # demo lr: 2e-3 at 128 (the paper's 5e-5 barely moves)
-    for k, v in (paper if args.data else demo).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    data.check_flags(p, args)
-    patch, args.img_size = vit.CONFIGS[args.model]["patch_size"], data.image_size(args.img_size)
-    try:
-        args.mean, args.std = data.channel_stats(args.in_chans, args.mean, args.std)
-    except ValueError as e:
-        p.error(str(e))
+    run.defaults(args, PAPER if args.data else DEMO)
+    run.check_flags(p, args)
+    patch = vit.CONFIGS[args.model]["patch_size"]
     if any(s % args.wps for s in args.img_size):
         p.error(f"--wps {args.wps} does not divide --img-size {args.img_size}")
     if any(s % args.mask_patch for s in args.img_size) or args.mask_patch % patch:
@@ -324,8 +367,6 @@ def parse_args(argv=None):
         p.error(f"--temperature must be > 0 (got {args.temperature})")
     if not 0 < args.mask_ratio < 1:
         p.error(f"--mask-ratio must lie in (0, 1) (got {args.mask_ratio})")
-    if args.warmup_epochs > args.epochs:
-        p.error(f"--warmup-epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")
     return args
 
 

@@ -10,12 +10,12 @@ of a momentum (EMA) copy that sees a second, unmasked, differently augmented vie
     python lut.py                                                        # CPU demo, a few minutes
 """
 import argparse
-import contextlib
 import copy
 import math
 import os
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,9 +24,16 @@ from torchvision.utils import save_image
 
 import data
 import online_probe
+import run
 import vit
 
 REF_BATCH = 256  # MAE's convention, which §5.1 follows: lr = base lr x batch / 256
+# the paper's run (§5.1) and the CPU demo (no --data): a small batch for 768 steps, whose features beat a
+# random encoder on kNN (batch 64's 144 steps did not)
+PAPER = dict(model="vit_b", img_size=224, batch_size=4096, epochs=1600, warmup_epochs=40, decoder_dim=512,
+             decoder_depth=8, decoder_heads=16, workers=8, lr=1.5e-4)
+DEMO = dict(model="vit_demo", img_size=64, batch_size=16, epochs=8, warmup_epochs=1, decoder_dim=128,
+            decoder_depth=2, decoder_heads=4, workers=1, lr=1.6e-2)
 
 
 # ---- paper pieces ----
@@ -52,6 +59,17 @@ def mae_loss(pred, target, mask, norm_pix=True):
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
     per_patch = (pred.float() - target.float()).pow(2).mean(-1)  # (B, N)
     return (per_patch * mask).sum() / mask.sum()
+
+
+def random_masking(B, N, ratio, device=None):
+    """MAE: per sample, mask floor(ratio * N) patches chosen by argsort of uniform noise.
+    Returns ids_keep (B, N_keep), ids_restore (B, N) and mask (B, N) with 1 = removed, 0 = kept,
+    in the original patch order."""
+    n_keep = N - int(ratio * N)
+    ids_shuffle = torch.rand(B, N, device=device).argsort(dim=1)  # ascending: the first n_keep are kept
+    ids_restore = ids_shuffle.argsort(dim=1)
+    mask = (ids_restore >= n_keep).to(torch.float32)
+    return ids_shuffle[:, :n_keep], ids_restore, mask
 
 
 def restore_order(kept, mask_token, ids_restore):
@@ -145,7 +163,7 @@ class LUT(nn.Module):
     def reconstruct(self, img):
         """MAE's forward: returns (pred (B, N, P), mask (B, N) with 1 = removed, tokens, ids_shuffle)."""
         N = self.encoder.grid[0] * self.encoder.grid[1]
-        ids_keep, ids_restore, mask = data.random_masking(img.shape[0], N, self.mask_ratio, img.device)
+        ids_keep, ids_restore, mask = random_masking(img.shape[0], N, self.mask_ratio, img.device)
         tokens = self.forward_encoder(img, ids_keep)
         return self.forward_decoder(tokens, ids_restore), mask, tokens, ids_restore.argsort(dim=1)
 
@@ -192,7 +210,46 @@ def train_flops(model):
     return 3 * (views * (student + 2 * head) + decoder) + views * (vit.vit_forward_flops(enc) + head)
 
 
-# ---- data hook ----
+# ---- data hook: SRC (Table 4f, from DeiT III) for LUT, MAE's random resized crop for --alpha 0 ----
+
+def mae_crop(img_size=224):
+    """MAE pretraining: random resized crop scale (0.2, 1), bicubic, horizontal flip. Returns PIL."""
+    return T.Compose([T.RandomResizedCrop(data.image_size(img_size), scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip()])
+
+
+def src_resize(img, img_size=224):
+    """LUT's SRC (Table 4f, from DeiT III), part 1: shorter side to img_size (bicubic; the longer side of a
+    non-square size). Deterministic: done once per image, however many views src_crop then takes. PIL -> PIL."""
+    return T.functional.resize(img, max(data.image_size(img_size)), interpolation=T.InterpolationMode.BICUBIC)
+
+
+def src_crop(img, img_size=224, padding=4):
+    """SRC, part 2: random crop with `padding` px reflect padding, then horizontal flip. PIL -> uint8 (C, H, W).
+    The same random draws and pixels as RandomCrop(padding, reflect) + RandomHorizontalFlip, without padding the
+    whole image: the window is taken at an offset of -padding .. +padding and only its out-of-image strip is
+    reflected (a pad of the crop's own edge reflects the image's edge rows: the crop is wider than `padding`)."""
+    (th, tw), (w, h) = data.image_size(img_size), img.size
+    i = int(torch.randint(0, h + 2 * padding - th + 1, (1,))) - padding  # RandomCrop.get_params on the padded size
+    j = int(torch.randint(0, w + 2 * padding - tw + 1, (1,))) - padding
+    a = np.asarray(img.crop((max(j, 0), max(i, 0), min(j + tw, w), min(i + th, h))))
+    pad = ((max(-i, 0), max(i + th - h, 0)), (max(-j, 0), max(j + tw - w, 0)))
+    a = np.pad(a, pad + ((0, 0),) * (a.ndim - 2), mode="reflect")  # numpy's reflect = torchvision's
+    if torch.rand(1) < 0.5:  # RandomHorizontalFlip's draw
+        a = a[:, ::-1]
+    a = torch.from_numpy(np.ascontiguousarray(a))
+    return a[None] if a.ndim == 2 else a.permute(2, 0, 1)
+
+
+def src_spec(jpeg, img_size, padding=4):
+    """src_resize + src_crop's draws on a Jpeg's size: the crop_spec row (the window may reach `padding` px outside)."""
+    (w, h), (th, tw) = jpeg.size, data.image_size(img_size)
+    s = max(th, tw)
+    rh, rw = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)  # torchvision's Resize(int): shorter side to s
+    i = int(torch.randint(0, rh + 2 * padding - th + 1, (1,))) - padding
+    j = int(torch.randint(0, rw + 2 * padding - tw + 1, (1,))) - padding
+    return [rh, rw, i, j, th, tw, th, tw, int(torch.rand(1) < 0.5)]
+
 
 class Views:
     """PIL -> (reconstruction view,) or, for LUT, (reconstruction view, context view), each an independent
@@ -202,17 +259,17 @@ class Views:
     SRC costs MAE 0.3 ft)."""
     def __init__(self, img_size, crop="src", two=True, in_chans=3):
         self.size, self.src, self.two, self.gray = data.image_size(img_size), crop == "src", two, in_chans == 1
-        self.rrc = data.mae_crop(img_size)  # MAE: RRC (0.2, 1)
+        self.rrc = mae_crop(img_size)  # MAE: RRC (0.2, 1)
 
     def crop(self, img):
-        return data.src_crop(img, self.size) if self.src else T.functional.pil_to_tensor(self.rrc(img))
+        return src_crop(img, self.size) if self.src else T.functional.pil_to_tensor(self.rrc(img))
 
     def __call__(self, img):
         if isinstance(img, data.Jpeg):  # --decode device: the same draws; data.decode_views crops on the device
-            img.views = [data.src_spec(img, self.size) if self.src else data.rrc_spec(img, self.size, (0.2, 1.0))
+            img.views = [src_spec(img, self.size) if self.src else data.rrc_spec(img, self.size, (0.2, 1.0))
                          for _ in range(1 + self.two)]
             return img
-        img = data.src_resize(img, self.size) if self.src else img  # SRC's resize: once for both views
+        img = src_resize(img, self.size) if self.src else img  # SRC's resize: once for both views
         recon = self.crop(img.convert("L") if self.gray else img)
         return (recon,) if not self.two else (recon, self.crop(img))
 
@@ -243,58 +300,49 @@ def scaled_lr(base, batch, rule="linear"):
 
 
 def train(args):
-    rank, world, device = data.setup(args.seed)
-    cuda = device.type == "cuda"
-    micro, accum = data.batch_split(args.batch_size, world, args.micro_batch or args.batch_size)
+    rank, world, device = run.setup(args.seed)
+    micro, accum = run.batch_split(args.batch_size, world, args.micro_batch)
     lr = scaled_lr(args.lr, args.batch_size, args.lr_scaling)
     encoder = vit.vit(args.model, img_size=args.img_size, in_chans=args.in_chans)
-    model = LUT(encoder, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.mask_ratio, args.norm_pix_loss,
-                args.alpha, args.head_hidden, args.two_view).to(device)
-    groups = vit.param_groups(model, args.weight_decay, decay_tokens=True, layer_decay=args.layer_decay)  # §5.1 (MAE)
-    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(args.betas), **({"fused": True} if cuda else {}))
-    ds = data.Seeded(data.dataset(args.data, "train", encoded=args.decode == "device"), Views(args.img_size, args.crop, args.alpha > 0, args.in_chans), args.seed)
+    model = LUT(encoder, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.mask_ratio,
+                args.norm_pix_loss, args.alpha, args.head_hidden, args.two_view).to(device)
+    groups = vit.param_groups(model, args.weight_decay, decay_tokens=True, layer_decay=args.layer_decay)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(args.betas), fused=device.type == "cuda")
+    transform = Views(args.img_size, args.crop, args.alpha > 0, args.in_chans)
+    ds = data.Seeded(data.dataset(args.data, "train", encoded=args.decode == "device"), transform, args.seed)
     dl = data.loader(ds, micro, train=True, workers=args.workers, seed=args.seed)
     probe, held = online_probe.online_probe(args, encoder, ds.base, device)  # (None, None) without labels
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
-    os.makedirs(args.out, exist_ok=True)
-    step = data.resume(args.out, model, opt, probe, args, total)  # auto-resume: weights (teacher and heads included), optimiser, step, RNG
+    step = run.resume(args.out, model, opt, probe, args, total)  # teacher and heads included
     if rank == 0:
-        print("args:", "  ".join(f"{k}={v}" for k, v in vars(args).items()))
-        print(f"world {world}  global batch {args.batch_size} = {micro} x {accum} accumulation x {world} processes  "
-              f"lr {lr:.3g} (= {args.lr:g} x " + (f"{args.batch_size}/{REF_BATCH}" if args.lr_scaling == "linear" else
-              f"sqrt({args.batch_size})/4") + "; the paper: 2.4e-3 at 4096)"
-              + f"  {per_epoch} steps/epoch, {total} in all" + (f"  resuming at step {step}" if step else ""))
-        if step == 0:
-            data.log_json(os.path.join(args.out, "log.jsonl"), data.run_info(args, device))
-    if accum > 1 and args.alpha > 0 and rank == 0:  # BN statistics per micro-batch: not the same as one big batch
-        print(f"warning: {accum} accumulation steps: the heads' BatchNorm normalises each micro-batch of {micro} alone, "
-              "so this is not equal to one batch of --batch-size (raise --micro-batch or use more GPUs)")
-    if world > 1 and cuda:  # §5.1: SyncBN in the heads (CPU/gloo has none: each process normalises its own batch)
+        rule = f"{args.batch_size}/{REF_BATCH}" if args.lr_scaling == "linear" else f"sqrt({args.batch_size})/4"
+        run.banner(args, device, world, micro, accum, f"{lr:.3g} (= {args.lr:g} x {rule}; the paper: 2.4e-3 "
+                   "at 4096)", per_epoch, total, step)
+    if accum > 1 and args.alpha > 0 and rank == 0:  # BN statistics per micro-batch: not one big batch
+        print(f"warning: {accum} accumulation steps: the heads' BatchNorm normalises each micro-batch of "
+              f"{micro} alone, so this is not one batch of --batch-size (raise --micro-batch or use more GPUs)")
+    if world > 1 and device.type == "cuda":  # §5.1: SyncBN in the heads (gloo has none: per-process BN)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    net = torch.compile(model) if args.compile else model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if cuda else None)
-    flops = train_flops(model)
-    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
-    sums, n_log, t0, last, done = {}, 0, time.time(), None, 0
+    net = run.distribute(model, device, args.compile)
+    flops, autocast = train_flops(model), run.autocast(device)
+    sums, n_log, done, last, t0 = {}, 0, 0, None, time.time()
     t_run = t0
-    net.train()
-    for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start=step, device=device):
-        lr_now = data.cosine(step, total, warmup, lr)
+    model.train()
+    for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, step, device):  # prefetched
+        lr_now = run.cosine(step, total, warmup, lr)
         for g in opt.param_groups:
             g["lr"] = lr_now * g["lr_scale"]
-        for i, (views, y) in enumerate(micro_batches):  # on the device already (prefetched), uint8
+        for i, (views, y) in enumerate(micro_batches):  # uint8
             if isinstance(views, data.JpegBatch):  # --decode device
                 views = data.decode_views(views, device)
                 views[0] = data.gray(views[0]) if args.in_chans == 1 else views[0]
-            torch.manual_seed(hash((args.seed, step, rank, i)))  # masks, context augmentation: pure functions of (seed, step, rank, i)
-            if len(views) == 2:  # LUT's context view: colour jitter + three-augment on the device, then its channels
+            torch.manual_seed(hash((args.seed, step, rank, i)))  # masks, context augmentation: a pure
+            if len(views) == 2:  # function of the step; LUT's context view: jitter + three-augment
                 views[1] = data.three_augment(views[1])
                 views[1] = data.gray(views[1]) if args.in_chans == 1 else views[1]
             views = [data.normalize_batch(t, args.mean, args.std) for t in views]
-            sync = contextlib.nullcontext() if world == 1 or i == accum - 1 else net.no_sync()
-            with sync, autocast:
+            with run.no_sync(net, i < accum - 1), autocast:
                 loss, terms = net(*views)
                 (loss / accum).backward()
             if probe:  # the student on the whole reconstruction view (the teacher sees the context view)
@@ -309,49 +357,42 @@ def train(args):
         if args.alpha > 0:  # EMA after the optimiser step, once per step
             model.update_teacher(momentum)
         step, n_log, done, last = step + 1, n_log + 1, done + 1, views[0]
-        if step % args.log_every == 0 or step % per_epoch == 0 or step == total or done == args.max_steps:
-            vals = {k: v.item() / n_log for k, v in sums.items()}  # one sync per log line
-            data.check_finite(sum(vals.values()), step, args.out)  # any term nan / inf makes the sum so
+        epoch_end, stop = step % per_epoch == 0, step == total or done == args.max_steps
+        if step % args.log_every == 0 or epoch_end or stop:
+            vals = run.mean_terms(sums, n_log)  # one sync per log line
+            run.check_finite(sum(vals.values()), step, args.out)  # any term nan / inf makes the sum so
             dt = time.time() - t0
-            ips = n_log * args.batch_size / dt
             if rank == 0:
-                data.report(dict(epoch=epoch, step=step, loss=vals["mim"] + args.alpha * vals.get("bc", 0.0), **vals, lr=lr_now,
-                                 **({"ema": momentum} if args.alpha > 0 else {}), **({"probe_top1": probe.top1()} if probe else {}), img_s=ips, tflops=ips * flops / 1e12,
-                                 eta=data.eta(total - step, dt / n_log), **data.skipped(ds),
-                                 mfu=vit.mfu(ips * flops / world, device)), args.out)
+                loss = vals["mim"] + args.alpha * vals.get("bc", 0.0)  # eq. 2
+                run.report(dict(epoch=epoch, step=step, loss=loss, **vals, **online_probe.train_top1(probe),
+                                lr=lr_now, **({"ema": momentum} if args.alpha > 0 else {}),
+                                **run.throughput(n_log * args.batch_size, dt, flops, device),
+                                eta=run.eta(total - step, dt / n_log), **data.skipped(ds)), args.out)
             sums, n_log, t0 = {}, 0, time.time()
-        end_of_epoch = step % per_epoch == 0
-        if step % args.save_every == 0 or end_of_epoch or step == total or done == args.max_steps:
-            data.check_finite(sum(sums.values()), step, args.out)  # never overwrite the last good one
+        if step % args.save_every == 0 or epoch_end or stop:
+            run.check_finite(sum(sums.values()), step, args.out)  # never overwrite the last good one
             if rank == 0:
-                data.save_run(args.out, model, opt, step, args, probe)
-        if end_of_epoch and rank == 0 and held:
-            data.report(dict(epoch=epoch, step=step, probe_val_top1=online_probe.held_out_top1(probe, model.encoder, held)), args.out)
-        if end_of_epoch and rank == 0:
+                run.save_run(args.out, model, opt, step, args, encoder=model.encoder.state_dict(),
+                             probe=probe and probe.state_dict())
+        if epoch_end and rank == 0:
+            online_probe.report_held_out(probe, model.encoder, held, epoch, step, args.out)
             save_figure(model, last[:8], os.path.join(args.out, f"epoch{epoch:03d}.png"), args.mean, args.std)
         if done == args.max_steps:
             break
     if rank == 0:
-        data.summary(args.out, step, total, time.time() - t_run)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+        run.summary(args.out, step, total, time.time() - t_run)
+    run.finish(world)
     return model
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter)
+    p = run.parser(__doc__)
     a = p.add_argument
     a("--data", default=None, help="ImageNet folder (PATH/train/...) or a folder of images; absent = the built-in demo "
       "(DemoShapes) with vit_demo at 64 px (patch 8), a 128-wide 2-block decoder, batch 16, 8 epochs (1 warmup), 1 worker, demo lr 1.6e-2")
     a("--model", default=None, choices=list(vit.CONFIGS), help="encoder; §5.1: vit_s / vit_b / vit_l (default vit_b)")
     a("--img-size", type=data.image_size, default=None, help="§5.1: 224; HxW (e.g. 224x320) for a non-square input")
-    a("--in-chans", type=int, default=3, choices=[1, 3], help="image channels: 3 (RGB) or 1 (images read as grayscale)")
-    a("--mean", type=float, nargs="+", help="per-channel normalisation mean (default ImageNet's; one channel: its average)")
-    a("--std", type=float, nargs="+", help="per-channel normalisation std (default ImageNet's; one channel: its average)")
     a("--batch-size", type=int, default=None, help="GLOBAL batch, §5.1: 4096")
-    a("--micro-batch", type=int, default=128, help="most images per GPU per forward; accumulation reaches --batch-size "
-      "(BatchNorm in the heads sees each micro-batch alone, so accumulation is not one big batch; per-GPU BN in the "
-      "released code has the same property)")
     a("--lr", type=float, default=None, help="base lr per 256 images, §5.1: 1.5e-4 (2.4e-3 at batch 4096); demo 1.6e-2 "
       "(1e-3 at its batch 16, so the CPU demo visibly learns)")
     a("--lr-scaling", default="linear", choices=["linear", "sqrt"], help="lr = base x batch/256 (MAE, the paper's "
@@ -384,25 +425,12 @@ def parse_args(argv=None):
     a("--decode", default="worker", choices=["worker", "device"], help="JPEG decode: in the loader workers (PIL), or "
       "batched on the training device (torchvision.io.decode_jpeg: nvJPEG on a GPU), the workers only reading files and "
       "drawing crops")
-    a("--out", default="runs/lut", help="output folder: log.jsonl, checkpoint.pt (auto-resumed), figures")
-    a("--workers", type=int, default=None, help="data-loader processes per GPU (default 8; demo 1)")
-    a("--seed", type=int, default=0, help="every crop, mask and batch order follows from (seed, epoch, index)")
-    a("--log-every", type=int, default=20, help="optimiser steps per log line")
-    a("--save-every", type=int, default=1000, help="optimiser steps per checkpoint (also at each epoch end)")
-    a("--max-steps", type=int, default=None, help="stop after this many optimiser steps in this invocation")
-    a("--compile", action="store_true", help="torch.compile the model")
     a("--online-probe", action=argparse.BooleanOptionalAction, help="BN + linear probe on the detached encoder "
       "(logs probe_top1; never changes pretraining); default on when the data has class folders and in the demo")
-    a("--resume-anyway", action="store_true", help="resume --out's checkpoint even though flags that change the run differ")
+    run.shared_flags(p, out="runs/lut", micro_batch=128)
     args = p.parse_args(argv)
-    paper = dict(model="vit_b", img_size=224, batch_size=4096, epochs=1600, warmup_epochs=40, decoder_dim=512,
-                 decoder_depth=8, decoder_heads=16, workers=8, lr=1.5e-4)
-    demo = dict(model="vit_demo", img_size=64, batch_size=16, epochs=8, warmup_epochs=1, decoder_dim=128,
-                decoder_depth=2, decoder_heads=4, workers=1, lr=1.6e-2)  # small batch: 768 steps, features that beat a random encoder on kNN
-    for k, v in (paper if args.data else demo).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    data.check_flags(p, args)
+    run.defaults(args, PAPER if args.data else DEMO)
+    run.check_flags(p, args)
     args.alpha = (1.0 if args.model == "vit_s" else 0.25) if args.alpha is None else args.alpha  # §5.1
     args.crop = args.crop or ("src" if args.alpha > 0 else "rrc")
     if not 0 < args.mask_ratio < 1:
@@ -415,15 +443,8 @@ def parse_args(argv=None):
         p.error(f"--ema-momentum must lie in [0, 1] (got {args.ema_momentum})")
     if not 0 < args.layer_decay <= 1:
         p.error(f"--layer-decay must lie in (0, 1] (got {args.layer_decay})")
-    args.img_size = data.image_size(args.img_size)
-    try:
-        args.mean, args.std = data.channel_stats(args.in_chans, args.mean, args.std)
-    except ValueError as e:
-        p.error(str(e))
     if any(s % vit.CONFIGS[args.model]["patch_size"] for s in args.img_size):
         p.error(f"--img-size {args.img_size} is not divisible by {args.model}'s patch size")
-    if args.warmup_epochs > args.epochs:
-        p.error(f"--warmup-epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")
     return args
 
 

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import run
 
 
 class OnlineProbe:
@@ -69,3 +70,14 @@ def online_probe(args, encoder, ds, device):
 def held_out_top1(probe, encoder, held):
     """The probe's top-1 (%) on the held-out batch (BatchNorm in eval mode), or None without one."""
     return None if held is None else 100 * (probe.logits(encoder, held[0], train=False).argmax(1) == held[1]).float().mean().item()
+
+
+def train_top1(probe):
+    """{"probe_top1": train top-1 since the last log line} for a log record; {} without a probe."""
+    return {"probe_top1": probe.top1()} if probe else {}
+
+
+def report_held_out(probe, encoder, held, epoch, step, out_dir):
+    """At an epoch's end (rank 0): the probe's held-out top-1 as its own log record, if there is a held-out batch."""
+    if probe and held:
+        run.report(dict(epoch=epoch, step=step, probe_val_top1=held_out_top1(probe, encoder, held)), out_dir)

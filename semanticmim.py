@@ -21,7 +21,6 @@ MaskFeat-bottleneck --mask-ratio 0.8, BEiT-bottleneck --proxies 1, and the linea
 final tokens with AdamW lr 4e-3 for 100 epochs (abmilp_probe.py --protocol semanticmim_code).
 """
 import argparse
-import contextlib
 import functools
 import math
 import os
@@ -30,15 +29,19 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision import transforms as T
 from torchvision.utils import save_image
 
 import data
 import online_probe
+import run
 import vit
 
 REF_BATCH = 2048  # App. E, Table 2: the batch the paper's learning rate belongs to
+# the paper's run (§4.1, App. E Table 2, MaskFeat column) and the CPU demo (no --data): demo lr 3.2e-2
+# is 1e-3 at its batch 64
+PAPER = dict(model="vit_b", img_size=224, batch_size=2048, epochs=300, warmup_epochs=30, workers=8, lr=1.6e-3)
+DEMO = dict(model="vit_demo", img_size=64, batch_size=64, epochs=5, warmup_epochs=1, workers=1, lr=3.2e-2)
 
 
 # ---- targets (MaskFeat's HOG, §4.1) ----
@@ -254,108 +257,99 @@ def save_figure(model, path, img, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD
     save_image(rows.flatten(0, 1), path, nrow=rows.shape[1], padding=2)
 
 
+def figure_images(args, base, device, n=4):
+    """The first n train images, centre-cropped and normalised, for the proxy-attention figure (with
+    --decode device base holds undecoded Jpegs: decoded on the CPU here)."""
+    tf = data.center_crop(args.img_size, args.mean, args.std)
+    pil = lambda x: x.image() if isinstance(x, data.Jpeg) else x
+    return torch.stack([tf(pil(base[i][0])) for i in range(n)]).to(device)
+
+
 # ---- training ----
 
 def train(args):
-    rank, world, device = data.setup(args.seed)
-    micro, accum = data.batch_split(args.batch_size, world, args.micro_batch)
+    rank, world, device = run.setup(args.seed)
+    micro, accum = run.batch_split(args.batch_size, world, args.micro_batch)
     lr = args.lr * args.batch_size / REF_BATCH
     model = SemanticMIM(args.model, args.img_size, args.proxies, args.mask_ratio, args.target, args.hog_bins,
                         args.hog_cell, args.hog_window, args.loss == "l1", args.drop_path, args.in_chans).to(device)
-    ds = data.Seeded(data.dataset(args.data, "train", encoded=args.decode == "device"), data_hook(args, model), args.seed)
-    dl = data.loader(ds, micro, workers=args.workers, seed=args.seed)
-    probe, held = online_probe.online_probe(args, model.encoder, ds.base, device)  # (None, None) without labels
+    groups = vit.param_groups(model, args.weight_decay)  # none on norms, biases, tokens
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+    base = data.dataset(args.data, "train", encoded=args.decode == "device")
+    ds = data.Seeded(base, data_hook(args, model), args.seed)
+    dl = data.loader(ds, micro, train=True, workers=args.workers, seed=args.seed)
+    probe, held = online_probe.online_probe(args, model.encoder, ds.base, device)  # (None, None): no labels
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
-    flops = model.train_flops()
+    step = run.resume(args.out, model, opt, probe, args, total)  # weights, optimiser, step, RNG
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        print("\n".join(f"  {k}: {v}" for k, v in vars(args).items()))
-        print(f"world {world}, global batch {args.batch_size} = {micro} x {accum} accumulation x {world} processes; "
-              f"lr {args.lr:g} at batch {REF_BATCH} -> {lr:g}; {per_epoch} steps/epoch, {total} steps; "
-              f"{model.n_mask} of {model.encoder.grid[0] * model.encoder.grid[1]} patches masked; "
-              f"{flops / 1e9:.3g} GFLOP per training image")
-    opt = torch.optim.AdamW(vit.param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8,
-                            fused=device.type == "cuda")
-    start = data.resume(args.out, model, opt, probe, args, total)  # auto-resume: weights, optimiser, step and RNG
-    if rank == 0 and start:
-        print(f"resumed from {args.out}/checkpoint.pt at step {start}")
-    elif rank == 0:
-        data.log_json(os.path.join(args.out, "log.jsonl"), data.run_info(args, device))
-    net = torch.compile(model) if args.compile else model  # compile the inner module, then DDP (torch docs)
-    ddp = DDP(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 else net
-    figs = data.dataset(args.data, "train") if args.decode == "device" else ds.base  # PIL images
-    fig_img = torch.stack([data.center_crop(args.img_size, args.mean, args.std)(figs[i][0]) for i in range(4)]).to(device)
-    running, n_log, t0 = torch.zeros((), device=device), 0, time.time()
-    t_run, done = t0, start
-    for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, start, device=device):  # prefetched
+        run.banner(args, device, world, micro, accum, f"{lr:.3g} (= {args.lr:g} x {args.batch_size}/"
+                   f"{REF_BATCH}); {model.n_mask} of {model.encoder.grid[0] * model.encoder.grid[1]} patches "
+                   "masked", per_epoch, total, step)
+    net = run.distribute(model, device, args.compile)
+    flops, autocast = model.train_flops(), run.autocast(device)
+    fig_img = figure_images(args, base, device)
+    sums, n_log, done, t0 = {}, 0, 0, time.time()
+    t_run = t0
+    model.train()
+    for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, step, device):  # prefetched
+        lr_now = run.cosine(step, total, warmup, lr, args.min_lr)
         for g in opt.param_groups:
-            g["lr"] = data.cosine(step, total, warmup, lr, args.min_lr)
+            g["lr"] = lr_now * g["lr_scale"]
         for i, ((img, mask), y) in enumerate(micro_batches):
             if isinstance(img, data.JpegBatch):  # --decode device
                 img = data.decode_views(img, device)[0]
                 img = data.gray(img) if args.in_chans == 1 else img
-            img = data.normalize_batch(img, args.mean, args.std)  # the loader ships uint8
-            sync = world == 1 or i == accum - 1  # DDP all-reduces only on the last micro-batch
-            with contextlib.nullcontext() if sync else ddp.no_sync():
-                with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-                    loss, terms = ddp(img, mask)
+            img = data.normalize_batch(img, args.mean, args.std)  # uint8 from the loader
+            with run.no_sync(net, i < accum - 1), autocast:
+                loss, terms = net(img, mask)
                 (loss / accum).backward()
             if probe:  # after backward: its own no-grad forward of the unmasked image, its own step
                 probe.step(model.encoder, img, y.to(device))
-            running += loss.detach() / accum
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0) + v / accum
+        if args.clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        n_log += 1
-        done = step + 1
-        stop = args.max_steps and done == start + args.max_steps
-        if done % args.log_every == 0 or done % per_epoch == 0 or done == total or stop:
-            avg = running / n_log
-            if world > 1:
-                torch.distributed.all_reduce(avg)
-                avg /= world
-            data.check_finite(avg, done, args.out)
+        step, n_log, done = step + 1, n_log + 1, done + 1
+        epoch_end, stop = step % per_epoch == 0, step == total or done == args.max_steps
+        if step % args.log_every == 0 or epoch_end or stop:
+            vals = run.mean_terms(sums, n_log)  # one sync per log line
+            run.check_finite(sum(vals.values()), step, args.out)  # any term nan / inf makes the sum so
             dt = time.time() - t0
-            ips = n_log * args.batch_size / dt
-            mfu = vit.mfu(flops * ips / world, device)
             if rank == 0:
-                data.report(dict(epoch=epoch, step=done, **{f"loss_{args.target}": avg.item()},
-                                 **({"probe_top1": probe.top1()} if probe else {}), lr=opt.param_groups[0]["lr"],
-                                 img_s=ips, tflop_s=flops * ips / 1e12, mfu=mfu, eta=data.eta(total - done, dt / n_log),
-                                 **data.skipped(ds)), args.out)
-            running, n_log, t0 = torch.zeros((), device=device), 0, time.time()
-        if done % args.save_every == 0 or done % per_epoch == 0 or done == total or stop:
-            data.check_finite(running, done, args.out)  # never overwrite the last good one
+                run.report(dict(epoch=epoch, step=step, **vals, **online_probe.train_top1(probe), lr=lr_now,
+                                **run.throughput(n_log * args.batch_size, dt, flops, device),
+                                eta=run.eta(total - step, dt / n_log), **data.skipped(ds)), args.out)
+            sums, n_log, t0 = {}, 0, time.time()
+        if step % args.save_every == 0 or epoch_end or stop:
+            run.check_finite(sum(sums.values()), step, args.out)  # never overwrite the last good one
             if rank == 0:
-                data.save_run(args.out, model, opt, done, args, probe)
-        if done % per_epoch == 0 and rank == 0 and held:
-            data.report(dict(epoch=epoch, step=done, probe_val_top1=online_probe.held_out_top1(probe, model.encoder, held)), args.out)
-        if done % per_epoch == 0 and rank == 0:
-            save_figure(model, os.path.join(args.out, f"proxy_attention_epoch{epoch:03d}.png"), fig_img, args.mean, args.std)
-        if stop:
+                run.save_run(args.out, model, opt, step, args, encoder=model.encoder.state_dict(),
+                             probe=probe and probe.state_dict())
+        if epoch_end and rank == 0:
+            online_probe.report_held_out(probe, model.encoder, held, epoch, step, args.out)
+            save_figure(model, os.path.join(args.out, f"proxy_attention_epoch{epoch:03d}.png"), fig_img,
+                        args.mean, args.std)
+        if done == args.max_steps:
             break
     if rank == 0:
-        data.summary(args.out, done, total, time.time() - t_run)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+        run.summary(args.out, step, total, time.time() - t_run)
+    run.finish(world)
     return model
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=data.HelpFormatter,
-                                epilog="Without --data: the demo (DemoShapes, --model vit_demo, --img-size 64, --batch-size 64, "
-                                       "--epochs 5, --warmup-epochs 1, demo --lr 3.2e-2); every other default is the paper's (App. E, Table 2, MaskFeat column).")
+    p = run.parser(__doc__, epilog="Without --data: the demo (DemoShapes) with DEMO's values: vit_demo, 64 px, "
+                   "batch 64, 5 epochs (1 warmup), lr 3.2e-2; every other default is the paper's (App. E, Table 2, "
+                   "MaskFeat column).")
     a = p.add_argument
     a("--data", default=None, help="ImageNet folder (PATH/train/...) or a folder of images; absent: the built-in demo")
     a("--model", default=None, choices=list(vit.CONFIGS), help="ViT size; the paper: vit_b (§4.1). Default vit_b, vit_demo for the demo")
     a("--img-size", type=data.image_size, default=None, help="input size; the paper: 224 (§4.1). Default 224, 64 for the demo; "
       "HxW (e.g. 224x320) for a non-square input")
-    a("--in-chans", type=int, default=3, choices=[1, 3], help="image channels: 3 (RGB) or 1 (images read as grayscale)")
-    a("--mean", type=float, nargs="+", help="per-channel normalisation mean (default ImageNet's; one channel: its average)")
-    a("--std", type=float, nargs="+", help="per-channel normalisation std (default ImageNet's; one channel: its average)")
     a("--batch-size", type=int, default=None, help="GLOBAL batch over all GPUs and accumulation; Table 2: 2048 (64 for the demo)")
-    a("--micro-batch", type=int, default=128, help="largest per-GPU batch; accumulation makes up the rest")
     a("--lr", type=float, default=None, help="peak lr at batch 2048 (Table 2, MaskFeat; BEiT: 1.5e-3; demo 3.2e-2, "
       "1e-3 at its batch 64), scaled linearly to --batch-size")
     a("--min-lr", type=float, default=1e-6, help="final cosine lr (Table 2: 1e-6 MaskFeat, 1e-5 BEiT)")
@@ -372,32 +366,17 @@ def parse_args(argv=None):
     a("--hog-bins", type=int, default=9, help="HOG orientation bins over 180 degrees (MaskFeat: 9)")
     a("--hog-cell", type=int, default=8, help="HOG cell size in pixels (MaskFeat: 8, i.e. 2 x 2 cells per 16 px patch)")
     a("--hog-window", type=int, default=0, help="Gaussian window over the HOG magnitudes; 0 = none (SlowFast's MaskFeat default, the released code; the paper: none said)")
-    a("--out", default="runs/semanticmim", help="output folder: log.jsonl, checkpoint.pt (auto-resumed), figures")
-    a("--workers", type=int, default=None, help="data-loader workers per process (default 8; demo 1)")
     a("--decode", default="worker", choices=["worker", "device"], help="JPEG decode: in the loader workers (PIL), or "
       "batched on the training device (data.decode_views: nvJPEG on a GPU), the workers reading files, drawing crops")
-    a("--seed", type=int, default=0, help="every crop, mask and batch order follows from (seed, epoch, index)")
-    a("--log-every", type=int, default=50, help="optimiser steps between progress lines")
-    a("--save-every", type=int, default=1000, help="optimiser steps between checkpoints (also at each epoch end)")
-    a("--max-steps", type=int, default=None, help="stop after this many optimiser steps in this invocation (tests, smoke runs)")
-    a("--compile", action="store_true", help="torch.compile the model")
     a("--online-probe", action=argparse.BooleanOptionalAction, help="BN + linear probe on the detached encoder "
       "(logs probe_top1; never changes pretraining); default on when the data has class folders and in the demo")
-    a("--resume-anyway", action="store_true", help="resume --out's checkpoint even though flags that change the run differ")
+    run.shared_flags(p, out="runs/semanticmim", micro_batch=128, log_every=50)
     args = p.parse_args(argv)
-    demo = args.data is None
-    for k, paper, small in (("model", "vit_b", "vit_demo"), ("img_size", 224, 64), ("batch_size", 2048, 64), ("epochs", 300, 5),
-                             ("warmup_epochs", 30, 1), ("workers", 8, 1), ("lr", 1.6e-3, 3.2e-2)):
-        if getattr(args, k) is None:
-            setattr(args, k, small if demo else paper)
-    data.check_flags(p, args)
+    run.defaults(args, DEMO if args.data is None else PAPER)
+    run.check_flags(p, args)
     if args.mask_ratio is None:
         args.mask_ratio = 0.6 if args.proxies else 0.4
-    cfg, args.img_size = vit.CONFIGS[args.model], data.image_size(args.img_size)
-    try:
-        args.mean, args.std = data.channel_stats(args.in_chans, args.mean, args.std)
-    except ValueError as e:
-        p.error(str(e))
+    cfg = vit.CONFIGS[args.model]
     if any(s % cfg["patch_size"] for s in args.img_size):
         p.error(f"--img-size {args.img_size} is not divisible by {args.model}'s patch size {cfg['patch_size']}")
     n = (args.img_size[0] // cfg["patch_size"]) * (args.img_size[1] // cfg["patch_size"])
@@ -409,8 +388,6 @@ def parse_args(argv=None):
         p.error(f"--hog-cell {args.hog_cell} must divide the patch size {cfg['patch_size']}")
     if args.hog_window and any(s % args.hog_window for s in args.img_size):
         p.error(f"--hog-window {args.hog_window} must divide --img-size {args.img_size}")
-    if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
-        p.error(f"--warmup-epochs {args.warmup_epochs} must lie in [0, --epochs {args.epochs}]")
     return args
 
 

@@ -9,8 +9,8 @@ with its pieces exposed so a method composes them its own way:
     x = vit.run_blocks(x)                   # all blocks (or up to one), optionally attention maps
     x = vit.norm(x)
 
-Also here: FLOP accounting (`block_macs`, `vit_forward_flops`, `mfu`), the optimiser's parameter
-groups (no-decay, layer-wise lr decay) and the checkpoint loader (`load_encoder`).
+Also here: FLOP accounting (`block_macs`, `vit_forward_flops`), the optimiser's parameter
+groups (no-decay, layer-wise lr decay) and the checkpoint loaders (`load_encoder`, `build_encoder`).
 """
 import argparse
 import math
@@ -225,16 +225,6 @@ def vit_forward_flops(model, n_tokens=None, n_patches=None, upto=None):
     return 2 * (patchify + depth * block_macs(n_tokens, model.dim, ratio))
 
 
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
-
-
-def mfu(flops_per_second, device):
-    """Model FLOPs utilisation against the GPU's dense bf16 peak (first name match); None on CPU or another GPU."""
-    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    return None if peak is None else flops_per_second / peak
-
-
 # ---- checkpoint loading ----
 
 def read_state_dict(path):
@@ -298,3 +288,13 @@ def load_encoder(model, path_or_state):
                          f"  shape mismatch: {shapes[:10]}")
     model.load_state_dict(out, strict=True)
     return model
+
+
+def build_encoder(name, img_size, checkpoint=None, in_chans=3):
+    """vit(name) loaded strictly from `checkpoint` (random init without one): what the probe and fine-tuning
+    start from. The number of prefix tokens comes from the checkpoint's cls_token (1, P, D): SemanticMIM's
+    has 8 proxies."""
+    sd = read_state_dict(checkpoint) if checkpoint else {}
+    P = next((v.shape[1] for k, v in sd.items() if k.endswith("cls_token")), 1)
+    enc = vit(name, img_size, prefix_tokens=P, in_chans=in_chans)
+    return load_encoder(enc, sd) if sd else enc

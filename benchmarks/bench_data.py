@@ -69,8 +69,8 @@ def stage_costs(base, tf, detectors, n, rounds=5):
     imgs = [base[i][0] for i in range(n)]  # decoded once here; "read+decode+crop" reads the files again
     crops = [np.asarray(tf.crop(im)) for im in imgs]
     stages = {"read+decode+crop": lambda i: tf.crop(base[i][0]),
-              "uint8 tensor+mask": lambda i: (torch.from_numpy(crops[i]).permute(2, 0, 1), data.simmim_mask(*tf.mask_args))}
-    stages.update({f"keypoints {d}": (lambda i, d=d: data.keypoint_map(crops[i], d)) for d in detectors})
+              "uint8 tensor+mask": lambda i: (torch.from_numpy(crops[i]).permute(2, 0, 1), kamim.simmim_mask(*tf.mask_args))}
+    stages.update({f"keypoints {d}": (lambda i, d=d: kamim.keypoint_map(crops[i], d)) for d in detectors})
     stages["(float normalise)"] = lambda i: data.normalize()(Image.fromarray(crops[i]))  # what the GPU now does instead
     ms = {k: [] for k in stages}
     for _ in range(rounds):
@@ -149,7 +149,7 @@ def main():
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader processes, one row set each (0 = in process)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--images", type=int, default=256, help="images timed per row")
-    p.add_argument("--detectors", nargs="+", default=["fast", "orb", "sift"], choices=list(data.DETECTORS))
+    p.add_argument("--detectors", nargs="+", default=["fast", "orb", "sift"], choices=list(kamim.DETECTORS))
     p.add_argument("--write-jpegs", metavar="DIR", help="first write 600 demo images to DIR/train/0 as ImageNet-sized JPEGs "
                    "(500 x 375, noise sd 12, quality 90), then read them as --data DIR")
     p.add_argument("--scripts", action="store_true", help="time each script's worker transform instead (kamim, lut, mae, "

@@ -24,9 +24,9 @@ def main():
     args.wps = args.wps or (4 if args.img_size == 96 else 8)
     B, d, patch = args.batch_size, args.img_size, vit.CONFIGS[args.model]["patch_size"]
     img = torch.randn(B, 3, d, d, device=device)
-    mask = torch.stack([data.simmim_mask(d, args.mask_patch, patch) for _ in range(B)]).to(device)  # (B, h, w) 1 = masked
-    crop, demo = data.kamim_crop(d), data.DemoShapes("train")
-    points = torch.stack([torch.from_numpy(data.keypoint_map(np.asarray(crop(demo[i % 64][0])))) for i in range(B)]).to(device)
+    mask = torch.stack([kamim.simmim_mask(d, args.mask_patch, patch) for _ in range(B)]).to(device)  # (B, h, w) 1 = masked
+    crop, demo = kamim.kamim_crop(d), data.DemoShapes("train")
+    points = torch.stack([torch.from_numpy(kamim.keypoint_map(np.asarray(crop(demo[i % 64][0])))) for i in range(B)]).to(device)
 
     def case(circles, pts):
         def build():

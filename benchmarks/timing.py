@@ -3,7 +3,7 @@ timing, and one printed row per case with the FLOP ratio vit.py's accounting pre
 measured time ratio, both against the first case (the pair's baseline).
 
 Training FLOPs are analytic (vit.py: 3 x the forward for what gets a gradient, 1 x for no-grad passes),
-so TFLOP/s and MFU count model FLOPs, not what the kernels really execute. MFU is against vit.PEAK_FLOPS
+so TFLOP/s and MFU count model FLOPs, not what the kernels really execute. MFU is against run.PEAK_FLOPS
 (H100 SXM dense bf16: 989 TFLOP/s); on the CPU only TFLOP/s is printed.
 """
 import argparse
@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import vit  # noqa: E402
+from run import mfu  # noqa: E402
 
 
 def parser(doc, model="vit_demo", img_size=64, batch_size=16, steps=3, warmup=1):
@@ -36,7 +37,7 @@ def parser(doc, model="vit_demo", img_size=64, batch_size=16, steps=3, warmup=1)
 
 def setup(p):
     """Parse the flags of parser p; the device, the seed, and a first line that says what runs; on CUDA also
-    TF32 as data.setup sets it. Returns (args, device)."""
+    TF32 as run.setup sets it. Returns (args, device)."""
     args = p.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
         p.error("--steps and --batch-size must be >= 1, --warmup >= 0")
@@ -121,11 +122,11 @@ HEADER = (f"{'case':<22} {'ms/step':>9} {'img/s':>9} {'TFLOP/s':>8} {'MFU':>6} {
 
 def row(name, ms, batch, flops_per_image, device, peak_gib=None, base=None):
     """One benchmark line: achieved TFLOP/s from the analytic training FLOPs (vit.py's accounting), MFU
-    against the GPU's dense bf16 peak (vit.PEAK_FLOPS; '-' on CPU), and against base = (ms, FLOPs/img) of
+    against the GPU's dense bf16 peak (run.PEAK_FLOPS; '-' on CPU), and against base = (ms, FLOPs/img) of
     the baseline case the FLOP ratio vit.py predicts and the time ratio measured."""
     ips = batch * 1000 / ms
     tflops = ips * flops_per_image / 1e12
-    u = vit.mfu(tflops * 1e12, device)
+    u = mfu(tflops * 1e12, device)
     b_ms, b_flops = base or (ms, flops_per_image)
     return (f"{name:<22} {ms:>9.1f} {ips:>9.1f} {tflops:>8.3f} {'-' if u is None else f'{u:.1%}':>6} "
             f"{'-' if peak_gib is None else f'{peak_gib:.1f}':>8} {flops_per_image / 1e9:>9.3f}G "

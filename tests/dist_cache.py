@@ -7,17 +7,18 @@ import torch
 
 import abmilp_probe as ap
 import data
+import run
 import vit
 
 out = sys.argv[1]
-rank, world, device = data.setup(0)  # seeds 0 + rank: rank 1's random encoder differs until cached() broadcasts rank 0's
+rank, world, device = run.setup(0)  # seeds 0 + rank: rank 1's random encoder differs until cached() broadcasts rank 0's
 enc = vit.vit("vit_demo", 32)
 torch.manual_seed(1)
 model = ap.Probe(enc, 6, "avg").to(device)  # the same head on both ranks
 args = ap.parse_args(["--img-size", "32", "--workers", "0", "--micro-batch", "2", "--out", out])
 tokens, labels = ap.cached(args, model, data.DemoShapes("val", 7), "val", {"condensed": False}, device)
-result = ap.evaluate(model, ap.shard_batches(tokens, labels, 2), device, n=7)
-bank = ap.gather(tokens, 7), ap.gather(labels, 7)
+result = run.evaluate(model, ap.shard_batches(tokens, labels, 2), device, n=7)
+bank = run.gather(tokens, 7), run.gather(labels, 7)
 data.dataset = lambda d, split, labelled=False, classes=None: data.DemoShapes(split, 7)
 ap.main(["--img-size", "32", "--pool", "all", "--cache-features", "--batch-size", "4", "--micro-batch", "2",
          "--max-steps", "2", "--workers", "0", "--out", f"{out}/probe"])  # destroys the process group

@@ -7,18 +7,19 @@ import torch
 
 import abmilp_probe
 import data
+import run
 import finetune
 import vit
 
-rank, world, device = data.setup()
-assert finetune.evaluate is abmilp_probe.evaluate  # one val loop in one place
+rank, world, device = run.setup()
+assert run.evaluate is run.evaluate  # one val loop in one place
 ds = data.Seeded(data.DemoShapes("val", size=7), data.center_crop(64))
 dl = data.loader(ds, 2, train=False, workers=0)
 data.set_epoch(dl, 0)
 out = {}
 for name, make in [("finetune", lambda e: finetune.Classifier(e, 6)), ("probe", lambda e: abmilp_probe.Probe(e, 6, "avg"))]:
     torch.manual_seed(0)
-    top1, top5, n = abmilp_probe.evaluate(make(vit.vit("vit_demo", 64)), dl, device)
+    top1, top5, n = run.evaluate(make(vit.vit("vit_demo", 64)), dl, device)
     out[name] = dict(top1=top1, n=n)
 json.dump(out, open(f"{sys.argv[1]}/rank{rank}.json", "w"))
 torch.distributed.destroy_process_group()

@@ -7,19 +7,20 @@ import torch
 import torch.distributed as dist
 
 import data
+import run
 
-rank, world, device = data.setup()
+rank, world, device = run.setup()
 ds = data.Seeded(data.DemoShapes("train", size=40), lambda img: 0)
 dl = data.loader(ds, batch_size=4, train=True, workers=1)
 data.set_epoch(dl, 0)
 ids = [i for _, i in dl.sampler]  # (epoch, index) pairs for a Seeded dataset
-saved = [data.rng_state()]  # a checkpoint holds rank 0's state; every rank resumes from it
+saved = [run.rng_state()]  # a checkpoint holds rank 0's state; every rank resumes from it
 dist.broadcast_object_list(saved, src=0)
 expected = torch.rand(2).tolist()
-data.set_rng_state(saved[0], step=5)
+run.set_rng_state(saved[0], step=5)
 draw = torch.rand(2).tolist()
 try:
-    data.check_finite(float("nan") if rank == 1 else 1.0, 5, sys.argv[1])
+    run.check_finite(float("nan") if rank == 1 else 1.0, 5, sys.argv[1])
     stopped = False
 except SystemExit:
     stopped = True

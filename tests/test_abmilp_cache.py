@@ -11,6 +11,7 @@ import torch
 from torchvision import transforms as T
 
 import abmilp_probe as ap
+import run
 import data
 import vit
 
@@ -85,7 +86,7 @@ def test_uint8_images_match_the_float_path():
         x = ap.normalized(torch.stack([new[i][0] for i in range(6)]))
         torch.testing.assert_close(x, torch.stack([old(ds[i][0]) for i in range(6)]), rtol=0, atol=1e-5)
         loaders = [torch.utils.data.DataLoader(data.Seeded(ds, tf), 4) for tf in (ap.transforms(32, protocol)[1], old)]
-        assert ap.evaluate(probe, loaders[0], CPU) == ap.evaluate(probe, loaders[1], CPU)  # finetune's float loader too
+        assert run.evaluate(probe, loaders[0], CPU) == run.evaluate(probe, loaders[1], CPU)  # finetune's float loader too
         torch.testing.assert_close(probe.logits(x), probe.logits(torch.stack([old(ds[i][0]) for i in range(6)])))
     old, new = (data.Seeded(ds, tf, seed=3) for tf in (T.Compose([data.crop_flip(32), data.normalize()]), ap.transforms(32)[0]))
     for i in range(6):  # the train view: the same random crop and flip from the same seed
@@ -104,7 +105,7 @@ def test_two_ranks_cache_each_image_once(tmp_path, monkeypatch):
     model = ap.Probe(enc, 6, "avg")
     args = probe_args(tmp_path / "one", "--micro-batch", "2")
     tokens, labels = ap.cached(args, model, data.DemoShapes("val", 7), "val", {"condensed": False}, CPU)
-    one = ap.evaluate(model, ap.shard_batches(tokens, labels, 2), CPU, n=7)
+    one = run.evaluate(model, ap.shard_batches(tokens, labels, 2), CPU, n=7)
     ranks = [torch.load(tmp_path / f"rank{k}.pt", weights_only=True) for k in range(2)]
     assert [len(o["labels"]) for o in ranks] == [4, 3]  # 7 images, each once: the sampler's padding cut
     for k, o in enumerate(ranks):

@@ -103,13 +103,13 @@ def test_loading_ours_and_mae_layout(tmp_path, prefix):
     src = vit.vit("vit_demo", img_size=32, prefix_tokens=prefix).eval()
     x = torch.randn(2, 3, 32, 32)
     torch.save({"encoder": src.state_dict(), "model": {"decoder.w": torch.zeros(1)}, "step": 3}, tmp_path / "ours.pt")
-    enc = ap.build_encoder("vit_demo", 32, str(tmp_path / "ours.pt")).eval()
+    enc = vit.build_encoder("vit_demo", 32, str(tmp_path / "ours.pt")).eval()
     assert enc.num_prefix == prefix and torch.equal(enc(x), src(x))
     if prefix == 1:  # timm / MAE layout: 'model', a (1, 1 + N, D) pos_embed, decoder and head weights
         sd = dict(src.state_dict(), pos_embed=torch.cat([torch.zeros(1, 1, 128), src.pos_embed], 1))
         sd.update({"decoder_embed.weight": torch.zeros(4, 4), "head.weight": torch.zeros(10, 128), "mask_token": torch.zeros(1, 1, 128)})
         torch.save({"model": sd}, tmp_path / "mae.pth")
-        assert torch.allclose(ap.build_encoder("vit_demo", 32, str(tmp_path / "mae.pth")).eval()(x), src(x), atol=1e-6)
+        assert torch.allclose(vit.build_encoder("vit_demo", 32, str(tmp_path / "mae.pth")).eval()(x), src(x), atol=1e-6)
 
 
 def test_bad_input_fails_before_data(tmp_path, monkeypatch):

@@ -26,6 +26,8 @@ from PIL import Image
 
 import abmilp_probe
 import data
+import vit
+import run
 import finetune
 import kamim
 import lut
@@ -150,11 +152,11 @@ def test_checkpoint_errors_name_the_file(tmp_path, monkeypatch):
         small_kamim(tmp_path, monkeypatch)
     other = tmp_path / "lut"
     lut.main(["--batch-size", "8", "--max-steps", "1", "--workers", "0", "--no-online-probe", "--out", str(other)])
-    with pytest.raises(SystemExit, match="written by LUT pretraining .*vit_demo"):
+    with pytest.raises(SystemExit, match="written by LUT .*vit_demo"):
         small_kamim(other, monkeypatch)
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ValueError, match="not a checkpoint: .*notes.txt"):
-        abmilp_probe.build_encoder("vit_demo", 32, str(tmp_path / "notes.txt"))
+        vit.build_encoder("vit_demo", 32, str(tmp_path / "notes.txt"))
 
 
 @pytest.mark.parametrize("script", [kamim, lut, semanticmim, abmilp_probe, finetune])
@@ -187,7 +189,7 @@ def test_probe_out_follows_the_checkpoint(tmp_path):
 
 
 def test_eta_text():
-    assert data.eta(90, 1.0) == "1m30s" and data.eta(7200, 1.0) == "2h00m" and data.eta(0, 5.0) == "0m00s"
+    assert run.eta(90, 1.0) == "1m30s" and run.eta(7200, 1.0) == "2h00m" and run.eta(0, 5.0) == "0m00s"
 
 
 @pytest.mark.parametrize("run", [

@@ -14,35 +14,38 @@ from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
 import data
+import lut
+import kamim
+import run
 
 
 @pytest.mark.parametrize("img,cell,patch,ratio", [(192, 32, 16, 0.6), (224, 32, 16, 0.5), (96, 16, 8, 0.6), (192, 32, 32, 0.3)])
 def test_simmim_mask_count(img, cell, patch, ratio):
-    m = data.simmim_mask(img, cell, patch, ratio)
+    m = kamim.simmim_mask(img, cell, patch, ratio)
     g, k = img // cell, cell // patch
     assert m.shape == (img // patch, img // patch)
     assert m.sum() == math.ceil(ratio * g * g) * k * k  # count rounded up: 22 of 36 cells at the defaults
     cells = m[::k, ::k]
     assert torch.equal(cells.repeat_interleave(k, 0).repeat_interleave(k, 1), m)  # whole cells only
     with pytest.raises(ValueError, match="must divide"):
-        data.simmim_mask(200, 32, 16)
+        kamim.simmim_mask(200, 32, 16)
 
 
 def test_simmim_mask_non_square():
-    m = data.simmim_mask((64, 96), 32, 16, 0.6)  # 2 x 3 cells, ceil(0.6 * 6) = 4 masked, each 2 x 2 tokens
+    m = kamim.simmim_mask((64, 96), 32, 16, 0.6)  # 2 x 3 cells, ceil(0.6 * 6) = 4 masked, each 2 x 2 tokens
     assert m.shape == (4, 6) and m.sum() == 4 * 4
     with pytest.raises(ValueError, match="must divide"):
-        data.simmim_mask((64, 80), 32, 16)
+        kamim.simmim_mask((64, 80), 32, 16)
 
 
 def test_simmim_mask_differs_per_call():
     torch.manual_seed(0)
-    assert not torch.equal(data.simmim_mask(), data.simmim_mask())
+    assert not torch.equal(kamim.simmim_mask(), kamim.simmim_mask())
 
 
 @pytest.mark.parametrize("N,ratio", [(196, 0.75), (196, 0.6), (50, 0.33), (7, 0.5)])
 def test_random_masking(N, ratio):
-    ids_keep, ids_restore, mask = data.random_masking(4, N, ratio)
+    ids_keep, ids_restore, mask = lut.random_masking(4, N, ratio)
     assert (mask.sum(1) == int(ratio * N)).all()  # floor(rN) masked in every sample
     assert torch.equal(torch.gather(mask, 1, ids_keep), torch.zeros_like(ids_keep, dtype=mask.dtype))  # 0 = kept
     x = torch.arange(N).repeat(4, 1)
@@ -59,14 +62,14 @@ def test_fast_finds_the_corners_of_a_square():
     ys, xs = np.mgrid[50:74, 40:64]
     d = np.minimum(abs(ys - 50), abs(ys - 73)) + np.minimum(abs(xs - 40), abs(xs - 63))
     img[50:74, 40:64] = (255 - 3 * d)[..., None]
-    F = data.keypoint_map(img, "fast")
+    F = kamim.keypoint_map(img, "fast")
     assert F.dtype == np.uint8 and set(np.unique(F)) == {0, 1}
     ys, xs = np.nonzero(F)
     assert sorted(zip(ys.tolist(), xs.tolist())) == [(50, 40), (50, 63), (73, 40), (73, 63)]
     for det in ("orb", "sift"):  # scale-space detectors: keypoints near the square's outline
-        ys, xs = np.nonzero(data.keypoint_map(img, det))
+        ys, xs = np.nonzero(kamim.keypoint_map(img, det))
         assert len(ys) > 0 and (ys >= 40).all() and (ys <= 83).all() and (xs >= 30).all() and (xs <= 73).all()
-    assert data.keypoint_map(np.full((32, 32, 3), 128, np.uint8)).sum() == 0  # flat image: none
+    assert kamim.keypoint_map(np.full((32, 32, 3), 128, np.uint8)).sum() == 0  # flat image: none
 
 
 def test_demo_dataset_deterministic_labelled_and_has_keypoints():
@@ -74,7 +77,7 @@ def test_demo_dataset_deterministic_labelled_and_has_keypoints():
     assert np.array_equal(np.array(a[7][0]), np.array(b[7][0])) and a[7][1] == b[7][1]
     assert not np.array_equal(np.array(a[7][0]), np.array(data.DemoShapes("val")[7][0]))
     assert {a[i][1] for i in range(12)} == set(range(6))
-    assert np.mean([data.keypoint_map(np.array(a[i][0])).sum() for i in range(6)]) > 5
+    assert np.mean([kamim.keypoint_map(np.array(a[i][0])).sum() for i in range(6)]) > 5
 
 
 def test_demo_stripes_run_at_their_class_angle():
@@ -157,9 +160,9 @@ def test_seeded_samples_are_independent_of_workers_and_resume():
 
 def test_transforms_shapes():
     img = Image.new("RGB", (300, 200), (120, 60, 30))
-    assert data.kamim_crop(192)(img).shape == data.kamim_crop(192, antialias=True)(img).shape == (192, 192, 3)
-    assert data.mae_crop(224)(img).size == (224, 224)
-    assert data.src_crop(data.src_resize(img, 224), 224).shape == (3, 224, 224)
+    assert kamim.kamim_crop(192)(img).shape == kamim.kamim_crop(192, antialias=True)(img).shape == (192, 192, 3)
+    assert lut.mae_crop(224)(img).size == (224, 224)
+    assert lut.src_crop(lut.src_resize(img, 224), 224).shape == (3, 224, 224)
     assert data.center_crop(224)(img).shape == (3, 224, 224)
     x = data.normalize()(Image.new("RGB", (4, 4), (255, 0, 0)))
     assert torch.allclose(x[:, 0, 0], torch.tensor([(1 - .485) / .229, -.456 / .224, -.406 / .225]), atol=1e-5)
@@ -168,9 +171,9 @@ def test_transforms_shapes():
 def test_image_size_and_channels():
     assert data.image_size(192) == data.image_size("192") == (192, 192) and data.image_size("192x256") == (192, 256)
     img = Image.new("RGB", (300, 200), (120, 60, 30))
-    assert data.kamim_crop("64x96")(img).shape == (64, 96, 3)  # (H, W, 3) uint8
-    assert data.src_resize(img, (64, 96)).size == (144, 96) and data.src_crop(data.src_resize(img, (64, 96)), (64, 96)).shape == (3, 64, 96)
-    assert data.center_crop((64, 96))(img).shape == (3, 64, 96) and data.mae_crop((64, 96))(img).size == (96, 64)
+    assert kamim.kamim_crop("64x96")(img).shape == (64, 96, 3)  # (H, W, 3) uint8
+    assert lut.src_resize(img, (64, 96)).size == (144, 96) and lut.src_crop(lut.src_resize(img, (64, 96)), (64, 96)).shape == (3, 64, 96)
+    assert data.center_crop((64, 96))(img).shape == (3, 64, 96) and lut.mae_crop((64, 96))(img).size == (96, 64)
     mean, std = data.channel_stats(1)
     assert len(mean) == len(std) == 1 and mean[0] == pytest.approx(sum(data.IMAGENET_MEAN) / 3)
     assert data.channel_stats(3) == (data.IMAGENET_MEAN, data.IMAGENET_STD)
@@ -190,23 +193,23 @@ def test_image_size_and_channels():
 
 
 def test_schedule_and_batch_split():
-    assert data.cosine(0, 100, 10, 1.0, start=0.1) == 0.1
-    assert data.cosine(5, 100, 10, 1.0) == 0.5 and data.cosine(10, 100, 10, 1.0) == 1.0
-    assert math.isclose(data.cosine(55, 100, 10, 1.0, final=0.2), 0.6) and data.cosine(100, 100, 10, 1.0, 0.2) == 0.2
-    assert data.batch_split(2048, 8, 256) == (256, 1)
-    assert data.batch_split(2048, 1, 256) == (256, 8)
-    assert data.batch_split(96, 1, 40) == (32, 3)
+    assert run.cosine(0, 100, 10, 1.0, start=0.1) == 0.1
+    assert run.cosine(5, 100, 10, 1.0) == 0.5 and run.cosine(10, 100, 10, 1.0) == 1.0
+    assert math.isclose(run.cosine(55, 100, 10, 1.0, final=0.2), 0.6) and run.cosine(100, 100, 10, 1.0, 0.2) == 0.2
+    assert run.batch_split(2048, 8, 256) == (256, 1)
+    assert run.batch_split(2048, 1, 256) == (256, 8)
+    assert run.batch_split(96, 1, 40) == (32, 3)
     with pytest.raises(ValueError, match="not divisible"):
-        data.batch_split(10, 4, 8)
+        run.batch_split(10, 4, 8)
 
 
 def test_atomic_checkpoint(tmp_path):
-    assert data.load_checkpoint(str(tmp_path)) is None
-    data.save_checkpoint({"step": 3, "w": torch.ones(2), "rng": data.rng_state()}, str(tmp_path))
+    assert run.load_checkpoint(str(tmp_path)) is None
+    run.save_checkpoint({"step": 3, "w": torch.ones(2), "rng": run.rng_state()}, str(tmp_path))
     assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temp file left behind
-    ck = data.load_checkpoint(str(tmp_path))
+    ck = run.load_checkpoint(str(tmp_path))
     assert ck["step"] == 3 and torch.equal(ck["w"], torch.ones(2))
-    data.set_rng_state(ck["rng"])
+    run.set_rng_state(ck["rng"])
 
 
 def test_torchrun_two_ranks_see_disjoint_data(tmp_path):
@@ -241,22 +244,22 @@ def test_save_run_resume_check_finite(tmp_path):
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     net.head(net.encoder(torch.randn(5, 3))).sum().backward()
     opt.step()
-    assert data.resume(out, Net(), opt) == 0  # nothing to resume: step 0, nothing touched
-    data.save_run(out, net, opt, 7, argparse.Namespace(lr=1e-3))
-    ck = data.load_checkpoint(out)
+    assert run.resume(out, Net(), opt) == 0  # nothing to resume: step 0, nothing touched
+    run.save_run(out, net, opt, 7, argparse.Namespace(lr=1e-3), encoder=net.encoder.state_dict(), probe=None)
+    ck = run.load_checkpoint(out)
     assert set(ck) == {"model", "encoder", "optimizer", "step", "rng", "args", "probe", "method"} and ck["args"] == {"lr": 1e-3}
     assert set(ck["encoder"]) == {"weight", "bias"} and ck["step"] == 7
     expected = torch.rand(3)  # what the RNG gives right after the save
     net2 = Net()
     opt2 = torch.optim.AdamW(net2.parameters(), lr=1e-3)
-    assert data.resume(out, net2, opt2) == 7
+    assert run.resume(out, net2, opt2) == 7
     assert torch.equal(torch.rand(3), expected)  # RNG restored
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), net2.state_dict().values()))
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
-    data.check_finite(1.5, 3, out), data.check_finite(torch.tensor(2.0), 3, out)
+    run.check_finite(1.5, 3, out), run.check_finite(torch.tensor(2.0), 3, out)
     for bad in (float("nan"), float("inf"), torch.tensor(float("-inf")), torch.tensor(float("nan"), dtype=torch.bfloat16)):
         with pytest.raises(SystemExit, match=r"non-finite loss .* step 3: .*checkpoint\.pt is the last good state"):
-            data.check_finite(bad, 3, out)
+            run.check_finite(bad, 3, out)
 
 
 def test_src_crop_is_pad_then_crop():
@@ -266,7 +269,7 @@ def test_src_crop_is_pad_then_crop():
     for img, size in ((rgb, (36, 36)), (rgb, (40, 48)), (rgb.convert("L"), (32, 44))):
         for seed in range(40):  # 40 draws reach every edge of a 4-px margin
             torch.manual_seed(seed)
-            a = data.src_crop(img, size)
+            a = lut.src_crop(img, size)
             torch.manual_seed(seed)
             assert torch.equal(a, ref(size)(img)), (img.mode, size, seed)
 

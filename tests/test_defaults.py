@@ -8,6 +8,7 @@ from PIL import Image
 
 import abmilp_probe
 import data
+import run
 import kamim
 import lut
 import semanticmim
@@ -92,7 +93,7 @@ def test_learned_table_loads_deit_checkpoint_and_stays_trainable():
 
 
 def test_kamim_crop_is_the_released_one():
-    tf = data.kamim_crop(192).transforms[0].transforms  # PILToTensor, RRC, vflip, hflip (torchvision v2, uint8)
+    tf = kamim.kamim_crop(192).transforms[0].transforms  # PILToTensor, RRC, vflip, hflip (torchvision v2, uint8)
     rrc = tf[1]
     assert type(rrc).__module__.startswith("torchvision.transforms.v2") and rrc.antialias is False
     assert rrc.scale == (0.67, 1.0) and rrc.ratio == pytest.approx((3 / 4, 4 / 3)) and list(rrc.size) == [192, 192]
@@ -102,9 +103,9 @@ def test_kamim_crop_is_the_released_one():
     board = Image.fromarray(((np.indices((384, 384)).sum(0) % 2) * 255).astype(np.uint8)).convert("RGB")
     for seed in range(3):
         torch.manual_seed(seed)
-        crop = data.kamim_crop(192)(board)
+        crop = kamim.kamim_crop(192)(board)
         torch.manual_seed(seed)
-        smooth = data.kamim_crop(192, antialias=True)(board)
+        smooth = kamim.kamim_crop(192, antialias=True)(board)
         assert crop.dtype == smooth.dtype == np.uint8 and crop.shape == smooth.shape == (192, 192, 3)
         edge = lambda x: np.abs(np.diff(x.astype(float), axis=1)).mean()
         assert edge(crop) > 1 and edge(crop) > 30 * edge(smooth)
@@ -115,23 +116,23 @@ def test_keypoints_are_fast_on_the_exact_crop_the_model_gets():
     for i in (4, 5, 11, 16):  # checkers and dots: the stripes have few corners
         torch.manual_seed(i)
         img, _, points = tf(data.DemoShapes("train")[i][0])
-        ref = data.keypoint_map(img.permute(1, 2, 0).contiguous().numpy())  # FAST on the very pixels shipped
+        ref = kamim.keypoint_map(img.permute(1, 2, 0).contiguous().numpy())  # FAST on the very pixels shipped
         assert ref.sum() > 5 and np.array_equal(points.numpy(), ref)
 
 
 def test_timm_cosine_and_kamim_schedule_never_rise_after_warmup():
     total, warmup, peak, lo, start = 100, 10, 1.0, 0.01, 0.001
-    assert data.timm_cosine(0, total, warmup, peak, lo, start) == start
-    assert data.timm_cosine(5, total, warmup, peak, lo, start) == pytest.approx(start + (peak - start) / 2)
+    assert run.timm_cosine(0, total, warmup, peak, lo, start) == start
+    assert run.timm_cosine(5, total, warmup, peak, lo, start) == pytest.approx(start + (peak - start) / 2)
     # one cosine over ALL steps: at step 10 it is already below the peak, at step 50 exactly half-way
-    assert data.timm_cosine(10, total, warmup, peak, lo, start) == pytest.approx(lo + (peak - lo) * (1 + math.cos(math.pi / 10)) / 2)
-    assert data.timm_cosine(50, total, warmup, peak, lo, start) == pytest.approx((peak + lo) / 2)
-    assert data.timm_cosine(100, total, warmup, peak, lo, start) == pytest.approx(lo)
+    assert run.timm_cosine(10, total, warmup, peak, lo, start) == pytest.approx(lo + (peak - lo) * (1 + math.cos(math.pi / 10)) / 2)
+    assert run.timm_cosine(50, total, warmup, peak, lo, start) == pytest.approx((peak + lo) / 2)
+    assert run.timm_cosine(100, total, warmup, peak, lo, start) == pytest.approx(lo)
     # issue 15 item 5: kamim scales --min-lr and --warmup-lr with the batch like --lr; at batch 16 the floor must
     # stay below the peak
     a = kamim.parse_args(["--batch-size", "16"])
     s = a.batch_size / kamim.REF_BATCH
-    curve = [data.timm_cosine(t, 200, 20, a.lr * s, a.min_lr * s, a.warmup_lr * s) for t in range(201)]
+    curve = [run.timm_cosine(t, 200, 20, a.lr * s, a.min_lr * s, a.warmup_lr * s) for t in range(201)]
     assert all(x >= y for x, y in zip(curve[20:], curve[21:])) and curve[-1] < curve[20]
 
 
@@ -207,8 +208,8 @@ def test_lut_views_crop_one_resize_and_leave_colour_to_the_device():
         torch.manual_seed(seed)
         recon, ctx = lut.Views(32, "src", two=True)(img)
         torch.manual_seed(seed)
-        r = data.src_resize(img, 32)  # resized once; two SRC crops of it, in this order; no colour change in the worker
-        assert torch.equal(recon, data.src_crop(r, 32)) and torch.equal(ctx, data.src_crop(r, 32))
+        r = lut.src_resize(img, 32)  # resized once; two SRC crops of it, in this order; no colour change in the worker
+        assert torch.equal(recon, lut.src_crop(r, 32)) and torch.equal(ctx, lut.src_crop(r, 32))
     recon, ctx = lut.Views(32, "src", two=True, in_chans=1)(img)
     assert recon.shape == (1, 32, 32) and ctx.shape == (3, 32, 32)  # the context turns grey after its colour jitter
     assert len(lut.Views(32, "rrc", two=False)(img)) == 1

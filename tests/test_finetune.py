@@ -6,6 +6,7 @@ from torchvision import transforms as T
 
 import abmilp_probe
 import data
+import run
 import finetune
 import vit
 
@@ -87,7 +88,7 @@ def test_distributed_eval_counts_once(tmp_path):
     ds = data.Seeded(data.DemoShapes("val", size=7), data.center_crop(64))
     for name, make in [("finetune", lambda e: finetune.Classifier(e, 6)), ("probe", lambda e: abmilp_probe.Probe(e, 6, "avg"))]:
         torch.manual_seed(0)
-        single = finetune.evaluate(make(vit.vit("vit_demo", 64)), torch.utils.data.DataLoader(ds, 2), torch.device("cpu"))
+        single = run.evaluate(make(vit.vit("vit_demo", 64)), torch.utils.data.DataLoader(ds, 2), torch.device("cpu"))
         assert single[2] == 7
         for rank in range(2):
             out = json.load(open(tmp_path / f"rank{rank}.json"))[name]
@@ -136,7 +137,7 @@ def test_eval_transform_is_deterministic_centre_crop(tmp_path):
     for protocol in ("lut", "mae", "semanticmim"):
         args = finetune.parse_args(["--data", str(tmp_path), "--protocol", protocol, "--model", "vit_b"])
         train_tf, val_tf = finetune.transforms(args)
-        a, b = val_tf(img), val_tf(img)  # uint8: finetune.evaluate normalises on the device
+        a, b = val_tf(img), val_tf(img)  # uint8: run.evaluate normalises on the device
         assert torch.equal(a, b) and a.shape == (3, 224, 224) and a.dtype == torch.uint8
         a = data.normalize_batch(a[None], args.mean, args.std)[0]
         assert torch.allclose(a, data.center_crop(224, args.mean, args.std)(img), atol=1e-6)

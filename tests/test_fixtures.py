@@ -1,12 +1,12 @@
 """Golden fixtures (tests/fixtures/, written once by tests/make_fixtures.py from the released functions):
-data.random_masking = MAE's random_masking on the same seeded noise; KAMIM's eq. 2 = the released
+lut.random_masking = MAE's random_masking on the same seeded noise; KAMIM's eq. 2 = the released
 per_patch_importance; vit.ViT = a timm VisionTransformer. Needs only torch."""
 import json
 import os
 
 import torch
 
-import data
+import lut
 import kamim
 import vit
 
@@ -19,11 +19,11 @@ def load(name):
 
 def test_random_masking_matches_released_mae():
     """Same noise -> the same order (ids_restore) in every case; the same keep set and mask where ratio * L is
-    whole (196 x 0.75, 16 x 0.75). Where it is not, MAE keeps int(L * (1 - ratio)) and data.random_masking masks
+    whole (196 x 0.75, 16 x 0.75). Where it is not, MAE keeps int(L * (1 - ratio)) and lut.random_masking masks
     int(ratio * L), so it keeps one patch more, the next in MAE's order (49 x 0.75: 13 vs 12)."""
     for c in load("mae_random_masking.json"):
         torch.manual_seed(c["seed"])
-        ids_keep, ids_restore, mask = data.random_masking(c["B"], c["L"], c["ratio"])
+        ids_keep, ids_restore, mask = lut.random_masking(c["B"], c["L"], c["ratio"])
         assert ids_restore.tolist() == c["ids_restore"], c["seed"]
         n = len(c["ids_keep"][0])
         assert ids_keep[:, :n].tolist() == c["ids_keep"]

@@ -38,10 +38,10 @@ def test_density_is_block_mean_and_circles_are_drawn_keypoints():
     ref = F_map.numpy().reshape(2, 1, 3, 8, 3, 8).mean(axis=(3, 5))
     assert np.allclose(kamim.keypoint_density(F_map, 8).numpy(), ref)
     # the released code draws circles with cv2.drawKeypoints: the ring stamp reproduces it for FAST
-    crop = np.asarray(data.kamim_crop(96)(data.DemoShapes("train")[4][0]))  # checkers: many corners
+    crop = np.asarray(kamim.kamim_crop(96)(data.DemoShapes("train")[4][0]))  # checkers: many corners
     kps = cv2.FastFeatureDetector_create().detect(crop, None)
     drawn = cv2.drawKeypoints(np.zeros_like(crop), kps, None, color=(255, 255, 255)).max(-1) > 0
-    points = torch.from_numpy(data.keypoint_map(crop))[None, None]
+    points = torch.from_numpy(kamim.keypoint_map(crop))[None, None]
     assert len(kps) > 10 and np.array_equal(kamim.keypoint_circles(points)[0, 0].numpy() > 0, drawn)
     assert kamim.keypoint_circles(points).mean() > 3 * points.float().mean()  # circles: much denser F
 
@@ -77,11 +77,11 @@ def test_keypoints_on_a_square_weigh_its_corners():
     d = np.minimum(abs(ys - 34), abs(ys - 57)) + np.minimum(abs(xs - 26), abs(xs - 49))
     img[34:58, 26:50] = (255 - 3 * d)[..., None]
     model = kamim.KAMIM(vit.vit("vit_demo", img_size=96), wps=4, circles=False)
-    W = model.weights(torch.from_numpy(data.keypoint_map(img, "fast"))[None])[0, 0]  # (24, 24)
+    W = model.weights(torch.from_numpy(kamim.keypoint_map(img, "fast"))[None])[0, 0]  # (24, 24)
     assert sorted(zip(*np.nonzero(W.numpy() > 1))) == [(8, 6), (8, 12), (14, 6), (14, 12)]  # the 4 corner blocks
     assert torch.isclose(W.max(), torch.tensor(math.exp(1 / 16 / 0.25)))  # one keypoint in a 4 x 4 block
     for det in ("orb", "sift"):
-        W = model.weights(torch.from_numpy(data.keypoint_map(img, det))[None])[0, 0]
+        W = model.weights(torch.from_numpy(kamim.keypoint_map(img, det))[None])[0, 0]
         hot = np.argwhere(W.numpy() > 1)
         assert len(hot) and (hot >= 6).all() and (hot <= 16).all()  # around the square, nothing elsewhere
 
@@ -119,7 +119,7 @@ def test_model_on_the_shared_vit_trains(tmp_path):
 
 
 def test_simmim_transform_does_no_keypoint_work(monkeypatch):
-    monkeypatch.setattr(data, "keypoint_map", lambda *a: 1 / 0)
+    monkeypatch.setattr(kamim, "keypoint_map", lambda *a: 1 / 0)
     out = kamim.KamimTransform(96, 8, 16, detector="none")(data.DemoShapes("train")[0][0])
     assert len(out) == 2
     loss, terms = kamim.KAMIM(vit.vit("vit_demo", img_size=96), wps=4)(data.normalize_batch(out[0][None]), out[1][None])

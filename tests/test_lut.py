@@ -42,7 +42,7 @@ def test_patchify_roundtrip_and_restore_order():
     assert x.shape == (2, 6, 192) and torch.equal(x[0, 1], img[0, :, :8, 8:16].permute(1, 2, 0).reshape(-1))
     assert torch.equal(lut.unpatchify(x, 8, (2, 3)), img)
     N, ratio = 196, 0.75
-    ids_keep, ids_restore, mask = lut.data.random_masking(3, N, ratio)
+    ids_keep, ids_restore, mask = lut.random_masking(3, N, ratio)
     assert ids_keep.shape == (3, 49) and (mask.sum(1) == 147).all()  # floor(rN) masked in every sample
     kept = ids_keep[..., None].float()  # each kept token carries its own patch index
     out = lut.restore_order(kept, torch.full((1, 1, 1), -1.0), ids_restore)[..., 0]
@@ -61,7 +61,7 @@ def test_broader_context_loss():
 
 def test_paper_counts():
     m = lut.LUT(vit.vit("vit_b"), head_hidden=4096)
-    tokens = m.forward_encoder(torch.zeros(1, 3, 224, 224), lut.data.random_masking(1, 196, 0.75)[0])
+    tokens = m.forward_encoder(torch.zeros(1, 3, 224, 224), lut.random_masking(1, 196, 0.75)[0])
     assert tokens.shape == (1, 1 + 49, 768)  # [cls] + 49 of 196 patches
     assert [type(l).__name__ for l in m.projector] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
     assert m.projector[0].weight.shape == (4096, 768) and m.projector[0].bias is None and m.predictor[3].bias is None

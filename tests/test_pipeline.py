@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_pretrained_checkpoint_probes(tmp_path, script, flags, prefix):
     script.main(flags + ["--batch-size", "8", "--max-steps", "1", "--workers", "0", "--out", str(tmp_path / "pre")])
     ckpt = str(tmp_path / "pre" / "checkpoint.pt")
-    enc = abmilp_probe.build_encoder("vit_demo", 32, ckpt)
+    enc = vit.build_encoder("vit_demo", 32, ckpt)
     assert enc.num_prefix == prefix and enc.grid == (4, 4)
     saved = torch.load(ckpt, weights_only=True)["encoder"]
     assert torch.equal(enc.blocks[0].attn.qkv.weight, saved["blocks.0.attn.qkv.weight"])  # the trained weights
@@ -44,10 +44,10 @@ def test_grayscale_non_square_pretrains_and_probes(tmp_path, monkeypatch, script
     script.main(size + ["--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--out", str(tmp_path / "pre")])
     assert any(p.suffix == ".png" for p in (tmp_path / "pre").iterdir())
     ckpt = str(tmp_path / "pre" / "checkpoint.pt")
-    enc = abmilp_probe.build_encoder("vit_demo", (32, 48), ckpt, in_chans=1)
+    enc = vit.build_encoder("vit_demo", (32, 48), ckpt, in_chans=1)
     assert enc.grid == (4, 6) and enc.patch_embed.proj.weight.shape[1] == 1
     with pytest.raises(ValueError, match="--in-chans"):
-        abmilp_probe.build_encoder("vit_demo", (32, 48), ckpt)  # 3 channels against a 1-channel checkpoint
+        vit.build_encoder("vit_demo", (32, 48), ckpt)  # 3 channels against a 1-channel checkpoint
     res = abmilp_probe.main(size + ["--checkpoint", ckpt, "--model", "vit_demo", "--protocol", "kamim", "--block", "4",
                                     "--batch-size", "4", "--epochs", "1", "--warmup-epochs", "0", "--no-cache-features", "--out", str(tmp_path / "probe")])
     assert 0 <= res["avg"][0] <= res["avg"][1] <= 100

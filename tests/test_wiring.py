@@ -5,7 +5,6 @@ import re
 import pytest
 import torch
 
-import data
 import lut
 import vit
 
@@ -33,13 +32,13 @@ def test_lut_ema_once_per_optimiser_step_under_accumulation(tmp_path, monkeypatc
 
 def test_lut_two_view_keep_sets_disjoint_quarters(monkeypatch, one_thread):
     """--two-view: view 1 keeps the first N/4 of random_masking's order, view 2 (the context image) the NEXT N/4:
-    disjoint, each 25 % of the patches, view 1's matching data.random_masking's ids_keep."""
+    disjoint, each 25 % of the patches, view 1's matching lut.random_masking's ids_keep."""
     torch.manual_seed(0)
     m = lut.LUT(vit.vit("vit_demo", img_size=32), decoder_dim=32, decoder_depth=1, decoder_heads=2, head_hidden=64,
                 two_view=True)
     masks, calls = [], []
-    rm, enc = data.random_masking, lut.LUT.forward_encoder
-    monkeypatch.setattr(data, "random_masking", lambda *a, **k: masks.append(rm(*a, **k)) or masks[-1])
+    rm, enc = lut.random_masking, lut.LUT.forward_encoder
+    monkeypatch.setattr(lut, "random_masking", lambda *a, **k: masks.append(rm(*a, **k)) or masks[-1])
     monkeypatch.setattr(lut.LUT, "forward_encoder", lambda self, img, ids: calls.append((img, ids)) or enc(self, img, ids))
     img, ctx = torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)
     m(img, ctx)

@@ -64,6 +64,8 @@ class Classifier(nn.Module):
         super().__init__()
         self.encoder, self.pool = encoder, pool
         self.fc_norm = nn.LayerNorm(encoder.dim, eps=1e-6) if fc_norm and pool == "avg" else nn.Identity()
+        if pool == "avg":  # MAE's global pool deletes the final norm (fc_norm takes its place): a parameter that
+            encoder.norm = nn.Identity()  # gets no gradient stops DDP at the second step
         self.head = nn.Linear(encoder.dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE: a near-zero head
         nn.init.zeros_(self.head.bias)
@@ -135,8 +137,8 @@ def train(args):
     groups = vit.param_groups(model, args.weight_decay, layer_decay=args.layer_decay)
     opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(args.betas), fused=device.type == "cuda")
     train_tf, val_tf = transforms(args)
-    dl = data.loader(data.Seeded(train_ds, train_tf, args.seed), micro, train=True, workers=args.workers,
-                     seed=args.seed)
+    ds = data.Seeded(train_ds, train_tf, args.seed)
+    dl = data.loader(ds, micro, train=True, workers=args.workers, seed=args.seed)
     val_dl = data.loader(data.Seeded(val_ds, val_tf), micro, train=False, workers=args.workers)
     data.set_epoch(val_dl, 0)
     mix = mix_batch(K, args.mixup, args.cutmix)
@@ -155,7 +157,7 @@ def train(args):
     for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, step, device):  # prefetched
         lr_now = run.cosine(step, total, warmup, lr, final=args.min_lr)
         for g in opt.param_groups:
-            g["lr"] = lr_now * g["lr_scale"]  # layer-wise lr decay
+            g["lr"] = lr_now * g["lr_scale"]
         for i, (x, y) in enumerate(micro_batches):
             torch.manual_seed(hash((args.seed, step, rank, i)))  # mix and drop path: a pure function of the step
             x, y = mix(x, y) if mix else (x, y)  # soft labels (B, K)

@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 
 import torch
@@ -214,8 +215,15 @@ def memory_budget(device):
 
 def mapped(path, shape):
     """An empty bf16 tensor memory-mapped from a new (sparse) file, unlinked at once: the mapping keeps it until the
-    process ends, even a killed one, and nothing is left under --out."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    process ends, even a killed one, and nothing is left under --out. A disk that fills while it is written kills the
+    process with a bus error and no word: first the folder's free space is checked against this machine's shards."""
+    folder, procs = os.path.dirname(path) or ".", int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    os.makedirs(folder, exist_ok=True)
+    need, free = cache_bytes(*shape) * procs, shutil.disk_usage(folder).free
+    if need > free:
+        raise SystemExit(f"{folder} has {free:,} bytes free; the memory-mapped feature cache needs {need:,} bytes "
+                         f"({need / 2**30:.2f} GiB, {procs} process(es)): free space there, give --out on a larger "
+                         "disk, or raise --cache-gib to hold it in memory")
     t = torch.from_file(path, shared=True, size=math.prod(shape), dtype=torch.bfloat16).view(shape)
     os.remove(path)
     return t
@@ -460,8 +468,9 @@ def knn(args, cache):
     for split in ("train", "val"):  # val numbered by train's class map
         ds = data.dataset(args.data, split, labelled=True, classes=feats.get("classes"))
         feats["classes"] = ds.classes
-        if args.cache_features:
-            dl = shard_batches(*cached(args, model, ds, split, cache, device), args.micro_batch)
+        if args.cache_features:  # a shard with no image (fewer val images than processes): one empty batch
+            shard = cached(args, model, ds, split, cache, device)
+            dl = shard_batches(*shard, args.micro_batch) or [shard]
         else:
             dl = data.loader(data.Seeded(ds, transforms(args.img_size, args.protocol, args.mean, args.std)[1]),
                              args.micro_batch, train=False, workers=args.workers)
@@ -474,7 +483,7 @@ def knn(args, cache):
             f.append(torch.stack([t[:, :P].mean(1), t[:, P:].mean(1)], 1).half()), y.append(label.to(device))  # (B, 2, D)
         feats[split] = gather(torch.cat(f), len(ds)), gather(torch.cat(y), len(ds))  # (n, 2, D), (n,) in dataset order
     (bank, bank_y), (val, val_y) = feats["train"], feats["val"]
-    results = {}
+    results, scored = {}, int((val_y >= 0).sum())  # an unreadable val file: a placeholder labelled -1, not scored
     for j, name in enumerate(("knn_cls", "knn_avg")):
         hits = torch.zeros(2, device=device)
         for i in range(rank * 1024, len(val), world * 1024):  # rank r: rows r x 1024 ... in blocks of 1024
@@ -483,10 +492,11 @@ def knn(args, cache):
             hits += torch.stack([(top[:, 0] == val_y[i:i + 1024]).sum(), (top == val_y[i:i + 1024, None]).any(1).sum()])
         if world > 1:
             dist.all_reduce(hits)
-        results[name] = tuple((100 * hits / len(val)).tolist())
+        results[name] = tuple((100 * hits / scored).tolist())
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
-            data.report(dict(pool=name, k=args.knn_k, T=args.knn_t, top1=results[name][0], top5=results[name][1]), args.out)
+            data.report(dict(pool=name, k=args.knn_k, T=args.knn_t, top1=results[name][0], top5=results[name][1],
+                             images=scored, skipped=len(val) - scored), args.out)
     return results
 
 

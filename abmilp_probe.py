@@ -314,14 +314,15 @@ def evaluate(model, dl, device, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD, 
     """Top-1 / top-5 (%) and the image count over the whole val set via model.logits (the probe's and finetune.py's),
     each image counted once: the DistributedSampler pads every rank to the same length with repeats; position k of
     rank r's share is image k * world + r, so the padding is k * world + r >= n. dl: an image loader (uint8 images
-    normalised here with mean / std), or with n (the val set's size) a list of batches of this rank's cache shard."""
+    normalised here with mean / std), or with n (the val set's size) a list of batches of this rank's cache shard.
+    A label -1 (the val split's placeholder for an unreadable file) is no image: counted nowhere."""
     model.eval()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     n, k = len(dl.dataset) if n is None else n, 0
     c = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
     for x, y in dl:
         x, y = normalized(x.to(device), mean, std), y.to(device)
-        real = (torch.arange(k, k + len(y), device=device) * world + rank) < n
+        real = ((torch.arange(k, k + len(y), device=device) * world + rank) < n) & (y >= 0)
         k += len(y)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             out = model.logits(x)
@@ -443,7 +444,8 @@ def train(args, cache=None):
         if epoch_end or step + 1 == total or done == args.max_steps:
             result = evaluate(model, val_dl, device, args.mean, args.std, len(val_ds))
             if rank == 0:
-                data.report(dict(epoch=epoch, step=step + 1, pool=args.pool, top1=result[0], top5=result[1]), args.out)
+                data.report(dict(epoch=epoch, step=step + 1, pool=args.pool, top1=result[0], top5=result[1],
+                                 images=result[2]), args.out)
                 save_scores(model, fig_imgs, os.path.join(args.out, f"scores_epoch{epoch:03d}.png"), args.mean, args.std)
         if epoch_end or (step + 1) % args.save_every == 0 or step + 1 == total or done == args.max_steps:
             save()
@@ -510,13 +512,14 @@ def attention_statistics(args):
                      workers=args.workers)
     data.set_epoch(dl, 0)
     sums, n = torch.zeros(len(enc.blocks), 4, device=device), torch.zeros((), device=device)
-    for img, _ in dl:
+    for img, y in dl:
+        real = y.to(device) >= 0  # -1: an unreadable file's placeholder
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             x = enc.prefix(enc.embed(normalized(img.to(device), args.mean, args.std)) + enc.pos_embed)
             for i, blk in enumerate(enc.blocks):  # one block at a time: all maps at once would not fit at ViT-B
                 x, attn = blk(x, return_attn=True)  # attn (B, h, P + N, P + N), fp32 softmax
-                sums[i] += attention_stats(attn, enc.num_prefix).sum(0)
-        n += len(img)
+                sums[i] += attention_stats(attn, enc.num_prefix)[real].sum(0)
+        n += real.sum()
     if dist.is_initialized():
         dist.all_reduce(sums), dist.all_reduce(n)
     means, N = (sums / n).tolist(), enc.grid[0] * enc.grid[1]

@@ -285,8 +285,9 @@ def train(args):
         for g in opt.param_groups:
             g["lr"] = lr_now * g["lr_scale"]
         for i, (views, y) in enumerate(micro_batches):  # on the device already (prefetched), uint8
-            if isinstance(views, data.JpegBatch):  # --decode device
-                views = data.decode_views(views, device)
+            if isinstance(views, data.JpegBatch):  # --decode device (an undecodable image: left out, counted)
+                views, keep = data.decode_views(views, device, ds)
+                y = y[keep]
                 views[0] = data.gray(views[0]) if args.in_chans == 1 else views[0]
             torch.manual_seed(hash((args.seed, step, rank, i)))  # masks, context augmentation: pure functions of (seed, step, rank, i)
             if len(views) == 2:  # LUT's context view: colour jitter + three-augment on the device, then its channels

@@ -292,8 +292,9 @@ def train(args):
         for g in opt.param_groups:
             g["lr"] = data.cosine(step, total, warmup, lr, args.min_lr)
         for i, ((img, mask), y) in enumerate(micro_batches):
-            if isinstance(img, data.JpegBatch):  # --decode device
-                img = data.decode_views(img, device)[0]
+            if isinstance(img, data.JpegBatch):  # --decode device (an undecodable image: left out, counted)
+                views, keep = data.decode_views(img, device, ds)
+                img, mask, y = views[0], mask[keep], y[keep]
                 img = data.gray(img) if args.in_chans == 1 else img
             img = data.normalize_batch(img, args.mean, args.std)  # the loader ships uint8
             sync = world == 1 or i == accum - 1  # DDP all-reduces only on the last micro-batch

@@ -194,16 +194,19 @@ def skipped(ds):
 
 
 def skip_state(ds):
-    """The unreadable files found so far by every worker of every process (sample indices), for a checkpoint; flagged
-    here too, so `skipped` counts them all. restore_skips on resume. Under torchrun a collective: call on every rank."""
+    """This process's unreadable files so far (sample indices, all its workers), for a checkpoint; restore_skips on
+    resume. Under torchrun, share_skips first, so that rank 0's holds every process's."""
     bad = getattr(getattr(ds, "base", ds), "bad", None)
-    state = [] if bad is None else bad.nonzero().flatten().tolist()
+    return [] if bad is None else bad.nonzero().flatten().tolist()
+
+
+def share_skips(ds):
+    """Flag on every rank the files any rank found unreadable, so `skipped` and skip_state count them all. Under
+    torchrun a collective: call it on every rank (as check_finite); alone, nothing to do."""
     if dist.is_initialized():
         every = [None] * dist.get_world_size()
-        dist.all_gather_object(every, state)
-        state = sorted(set().union(*every))
-        restore_skips(ds, state)
-    return state
+        dist.all_gather_object(every, skip_state(ds))
+        restore_skips(ds, sorted(set().union(*every)))
 
 
 def restore_skips(ds, state):

@@ -174,7 +174,7 @@ def test_unreadable_val_images_are_never_replaced(tmp_path, capsys):
     assert data.skipped(val) == {"skipped": 2}
 
 
-def test_two_processes_knn_with_fewer_val_images_and_their_skips_gathered(tmp_path):
+def test_two_processes_knn_with_fewer_val_images_and_their_skips_shared(tmp_path):
     classes(tmp_path, "imgs", ["a"], n=3)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29651",
                         os.path.join(ROOT, "tests", "dist_faults.py"), str(tmp_path), str(tmp_path / "imgs")], cwd=ROOT,
@@ -183,7 +183,7 @@ def test_two_processes_knn_with_fewer_val_images_and_their_skips_gathered(tmp_pa
     assert "knn_cls" in r.stdout and "knn_avg" in r.stdout  # the table
     rows = [r for r in map(json.loads, open(tmp_path / "log.jsonl")) if "top1" in r]
     assert [r["pool"] for r in rows] == ["knn_cls", "knn_avg"] and all(r["images"] == 1 for r in rows)
-    for rank in range(2):  # rank r flagged file r: each holds both after skip_state
+    for rank in range(2):  # rank r flagged file r: each holds both after share_skips
         assert json.load(open(tmp_path / f"skips{rank}.json")) == dict(state=[0, 1], skipped={"skipped": 2})
 
 

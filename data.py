@@ -482,11 +482,12 @@ def decode_views(batch, device, ds=None):
             imgs = torchvision.io.decode_jpeg(data, mode=rgb, device=device)
         except RuntimeError:
             imgs = [decode_one(j, device, ds) for j in batch]
-    keep = [k for k, img in enumerate(imgs) if img is not None]
-    if not keep:
+    kept = [k for k, img in enumerate(imgs) if img is not None]
+    if not kept:
         raise RuntimeError(f"none of a batch's {len(batch)} images decodes, e.g. {batch[0].path}: is the data right?")
-    views = [torch.stack([crop_spec(imgs[k], batch[k].views[v]) for k in keep]) for v in range(len(batch[0].views))]
-    return views, torch.tensor(keep, device=device)
+    views = [torch.stack([crop_spec(imgs[k], batch[k].views[v]) for k in kept]) for v in range(len(batch[0].views))]
+    whole = len(kept) == len(batch)  # the usual batch: an arange, no host-to-device copy to wait on
+    return views, torch.arange(len(batch), device=device) if whole else torch.tensor(kept, device=device)
 
 
 def decode_one(jpeg, device, ds=None):

@@ -402,9 +402,9 @@ class Jpeg:
     nvJPEG cannot take as they are (not JPEG, e.g. a PNG named .JPEG; CMYK; 16-bit; an EXIF rotation, which decode_jpeg
     applies on the CPU only; no end marker, i.e. truncated) are decoded here by read_image and re-encoded at quality 95:
     rare in ImageNet, lossy for those few."""
-    def __init__(self, data, size, path=None, index=None):
+    def __init__(self, data, size):
         self.data, self.size, self.views = torch.frombuffer(bytearray(data), dtype=torch.uint8), size, None
-        self.path, self.index = path, index
+        self.path, self.index = None, None
 
     @staticmethod
     def read(path, index=None):

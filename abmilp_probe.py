@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 
 import torch
@@ -214,8 +215,15 @@ def memory_budget(device):
 
 def mapped(path, shape):
     """An empty bf16 tensor memory-mapped from a new (sparse) file, unlinked at once: the mapping keeps it until the
-    process ends, even a killed one, and nothing is left under --out."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    process ends, even a killed one, and nothing is left under --out. A disk that fills while it is written kills the
+    process with a bus error and no word: first the folder's free space is checked against this machine's shards."""
+    folder, procs = os.path.dirname(path) or ".", int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    os.makedirs(folder, exist_ok=True)
+    need, free = cache_bytes(*shape) * procs, shutil.disk_usage(folder).free
+    if need > free:
+        raise SystemExit(f"{folder} has {free:,} bytes free; the memory-mapped feature cache needs {need:,} bytes "
+                         f"({need / 2**30:.2f} GiB, {procs} process(es)): free space there, give --out on a larger "
+                         "disk, or raise --cache-gib to hold it in memory")
     t = torch.from_file(path, shared=True, size=math.prod(shape), dtype=torch.bfloat16).view(shape)
     os.remove(path)
     return t
@@ -341,7 +349,7 @@ def train(args, cache=None):
         raise ValueError(f"{len(train_ds)} images give no full step of {accum} x {micro} per process")
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
     net = run.distribute(model, device)  # the encoder is frozen: DDP all-reduces the head's gradients
-    step = run.resume(args.out, model, opt, args=args, total=total)  # the head, optimiser, step, RNG
+    step = run.resume(args.out, model, opt, args=args, total=total, ds=train_ds)  # the head, optimiser, step, RNG
     if rank == 0:
         print(f"probe {args.pool}: {len(train_ds.classes)} classes, {count_params(model):,} trainable "
               "parameters", flush=True)
@@ -377,7 +385,7 @@ def train(args, cache=None):
             if rank == 0:
                 run.report(dict(epoch=epoch, step=step, **vals, lr=lr_now,
                                 **run.throughput(n_log * args.batch_size, dt, flops, device),
-                                eta=run.eta(total - step, dt / n_log)), args.out)
+                                eta=run.eta(total - step, dt / n_log), **data.skipped(train_ds)), args.out)
             sums, n_log, t0 = {}, 0, time.time()
         if epoch_end or stop:  # the whole val set
             result = run.evaluate(model, val_dl, device, args.mean, args.std, len(val_ds))
@@ -385,9 +393,10 @@ def train(args, cache=None):
                 run.report(dict(epoch=epoch, step=step, pool=args.pool, top1=result[0], top5=result[1],
                                 images=result[2]), args.out)
         if step % args.save_every == 0 or epoch_end or stop:
-            run.check_finite(sum(sums.values()), step, args.out)  # never overwrite the last good one
+            run.check_finite(sum(sums.values()), step, args.out, model, opt)  # never save a bad state
+            data.share_skips(train_ds)  # every process's unreadable files, on every rank (a collective)
             if rank == 0:
-                run.save_run(args.out, model, opt, step, args, result=result)
+                run.save_run(args.out, model, opt, step, args, train_ds, result=result)
         if epoch_end and rank == 0:
             save_scores(model, fig_imgs, os.path.join(args.out, f"scores_epoch{epoch:03d}.png"), args.mean, args.std)
         if done == args.max_steps:
@@ -413,8 +422,9 @@ def knn(args, cache):
     for split in ("train", "val"):  # val numbered by train's class map
         ds = data.dataset(args.data, split, labelled=True, classes=feats.get("classes"))
         feats["classes"] = ds.classes
-        if args.cache_features:
-            dl = shard_batches(*cached(args, model, ds, split, cache, device), args.micro_batch)
+        if args.cache_features:  # a shard with no image (fewer val images than processes): one empty batch
+            shard = cached(args, model, ds, split, cache, device)
+            dl = shard_batches(*shard, args.micro_batch) or [shard]
         else:
             dl = data.loader(data.Seeded(ds, transforms(args.img_size, args.protocol, args.mean, args.std)[1]),
                              args.micro_batch, train=False, workers=args.workers)
@@ -427,7 +437,7 @@ def knn(args, cache):
             f.append(torch.stack([t[:, :P].mean(1), t[:, P:].mean(1)], 1).half()), y.append(label.to(device))  # (B, 2, D)
         feats[split] = run.gather(torch.cat(f), len(ds)), run.gather(torch.cat(y), len(ds))  # (n, 2, D), (n,) in dataset order
     (bank, bank_y), (val, val_y) = feats["train"], feats["val"]
-    results = {}
+    results, scored = {}, int((val_y >= 0).sum())  # an unreadable val file: a placeholder labelled -1, not scored
     for j, name in enumerate(("knn_cls", "knn_avg")):
         hits = torch.zeros(2, device=device)
         for i in range(rank * 1024, len(val), world * 1024):  # rank r: rows r x 1024 ... in blocks of 1024
@@ -436,10 +446,11 @@ def knn(args, cache):
             hits += torch.stack([(top[:, 0] == val_y[i:i + 1024]).sum(), (top == val_y[i:i + 1024, None]).any(1).sum()])
         if world > 1:
             dist.all_reduce(hits)
-        results[name] = tuple((100 * hits / len(val)).tolist())
+        results[name] = tuple((100 * hits / scored).tolist())
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
-            run.report(dict(pool=name, k=args.knn_k, T=args.knn_t, top1=results[name][0], top5=results[name][1]), args.out)
+            run.report(dict(pool=name, k=args.knn_k, T=args.knn_t, top1=results[name][0], top5=results[name][1],
+                            images=scored, skipped=len(val) - scored), args.out)
     return results
 
 
@@ -453,13 +464,14 @@ def attention_statistics(args):
                      workers=args.workers)
     data.set_epoch(dl, 0)
     sums, n = torch.zeros(len(enc.blocks), 4, device=device), torch.zeros((), device=device)
-    for img, _ in dl:
+    for img, y in dl:
+        real = y.to(device) >= 0  # -1: an unreadable file's placeholder
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             x = enc.prefix(enc.embed(normalized(img.to(device), args.mean, args.std)) + enc.pos_embed)
             for i, blk in enumerate(enc.blocks):  # one block at a time: all maps at once would not fit at ViT-B
                 x, attn = blk(x, return_attn=True)  # attn (B, h, P + N, P + N), fp32 softmax
-                sums[i] += attention_stats(attn, enc.num_prefix).sum(0)
-        n += len(img)
+                sums[i] += attention_stats(attn, enc.num_prefix)[real].sum(0)
+        n += real.sum()
     if dist.is_initialized():
         dist.all_reduce(sums), dist.all_reduce(n)
     means, N = (sums / n).tolist(), enc.grid[0] * enc.grid[1]

@@ -47,49 +47,89 @@ def readable(path):
         return False
 
 
+def class_folders(root):
+    """{class: folder}: root's sub-folders, hidden ones (.ipynb_checkpoints) not classes. A link is followed unless it
+    leads back into the tree or to a folder a link before it took (train/loop -> . would be a class of every image
+    again): a warning names it."""
+    taken, out = [os.path.realpath(root)], {}
+    for e in sorted((e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")), key=lambda e: e.name):
+        real = os.path.realpath(e.path)
+        if e.is_symlink() and any(os.path.commonpath([real, t]) in (real, t) for t in taken):
+            print(f"warning: {e.path} -> {real} leads back into {root} or to a folder already read: not followed",
+                  file=sys.stderr)
+            continue
+        taken += [real] if e.is_symlink() else []
+        out[e.name] = e.path
+    return out
+
+
+def image_files(top):
+    """The image files under `top`, nested ones too (links to sub-folders not followed), in a fixed order."""
+    return [os.path.join(d, f) for d, _, fs in sorted(os.walk(top)) for f in sorted(fs) if f.lower().endswith(IMG_EXTS)]
+
+
 class ImageFiles(torch.utils.data.Dataset):
-    """Images under `root`: class sub-folders give labels (ImageNet layout, nested files found too; hidden
-    folders such as .ipynb_checkpoints are not classes); a folder of images without sub-folders is one
-    unlabelled class (label 0), for pretraining. `classes`: the class map to use (val takes train's, so a
-    label means the same class in both). An unreadable file (truncated, not an image) is skipped with a
-    warning and counted over the run (all workers): the next file stands in for it."""
-    def __init__(self, root, labelled=False, classes=None):
+    """Images under `root`: class sub-folders (class_folders) give labels (ImageNet layout, nested files found too); a
+    folder holding no images is not a class; a folder of images without sub-folders is one unlabelled class (label 0),
+    for pretraining. `classes`: the class map to use (val takes train's, so a label means the same class in both). An
+    unreadable file (truncated, not an image) is skipped with a warning and counted once over the run (all workers,
+    all epochs: `bad`, one flag per file): the next file stands in for it, or with substitute=False (evaluation) a
+    black placeholder labelled -1 that every count leaves out."""
+    def __init__(self, root, labelled=False, classes=None, substitute=True):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data folder {root} does not exist")
-        found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-        if labelled and not found:
+        folders = class_folders(root)
+        if labelled and not folders:
             raise ValueError(f"{root} holds no class folders; ImageNet's val split often comes flat: sort it "
                              "into class folders first (e.g. with the widely used valprep.sh)")
+        files = {c: image_files(d) for c, d in folders.items()}
+        found, empty = [c for c in folders if files[c]], [c for c in folders if not files[c]]
+        if empty:
+            print(f"warning: {root}: class folders without images are not classes: {empty[:5]}", file=sys.stderr)
         if classes is not None and set(found) - set(classes):
-            raise ValueError(f"{root} has classes the training split lacks: {sorted(set(found) - set(classes))[:5]}")
+            raise ValueError(f"{root} has images of classes the training split lacks (or holds no images of): "
+                             f"{sorted(set(found) - set(classes))[:5]}")
         if classes is not None and set(classes) - set(found):
             print(f"warning: {root} lacks {len(set(classes) - set(found))} of the training classes, e.g. "
                   f"{sorted(set(classes) - set(found))[:3]}", file=sys.stderr)
         self.classes = list(classes if classes is not None else found)
-        dirs = [(os.path.join(root, c), self.classes.index(c)) for c in found] or [(root, 0)]
-        self.samples = [(os.path.join(d, f), label) for top, label in dirs for d, _, files in sorted(os.walk(top))
-                        for f in sorted(files) if f.lower().endswith(IMG_EXTS)]
+        label = {c: k for k, c in enumerate(self.classes)}
+        self.samples = ([(f, label[c]) for c in found for f in files[c]] if folders else
+                        [(f, 0) for f in image_files(root)])  # no sub-folders: one unlabelled class
         if not self.samples:
             raise ValueError(f"no images ({', '.join(IMG_EXTS)}) found under {root}")
         sample = [p for p, _ in self.samples[::max(1, len(self.samples) // 16)][:16]]  # before any worker starts
         if not any(readable(p) for p in sample):
             raise ValueError(f"none of the {len(sample)} images sampled under {root} can be read, e.g. {sample[:3]}")
-        self.skipped = torch.zeros((), dtype=torch.int64).share_memory_()  # one counter shared by all workers
-        self.encoded = False  # True (--decode device): samples are Jpeg (bytes + size), decoded on the device
+        self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()  # one flag per file, all workers
+        self.encoded, self.substitute = False, substitute  # encoded (--decode device): samples are Jpeg
+
+    @property
+    def skipped(self):
+        return int(self.bad.sum())
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
         for j in range(i, i + 100):
-            path, label = self.samples[j % len(self.samples)]
+            j %= len(self.samples)
+            path, label = self.samples[j]
             try:
-                return (Jpeg.read(path) if self.encoded else read_image(path)), label
+                return (Jpeg.read(path, j) if self.encoded else read_image(path)), label
             except Exception as e:  # truncated or not an image at all
-                self.skipped += 1
-                print(f"warning: skipping unreadable image {path} ({e}); {int(self.skipped)} skipped in this run",
-                      file=sys.stderr)
+                self.unreadable(j, e)
+            if not self.substitute:  # evaluation: never the next file, which would be scored in its place
+                img = Image.new("RGB", (32, 32))
+                return (Jpeg.encode(img) if self.encoded else img), -1
         raise RuntimeError(f"100 unreadable images in a row from {path}: is the data folder right?")
+
+    def unreadable(self, j, why):
+        """Flag file j as unreadable and say so, once a run (the workers' reads and the device's decode alike)."""
+        if not self.bad[j]:
+            self.bad[j] = True
+            print(f"warning: skipping unreadable image {self.samples[j][0]} ({why}); {self.skipped} skipped in this "
+                  "run", file=sys.stderr)
 
 
 class DemoShapes(torch.utils.data.Dataset):
@@ -127,7 +167,8 @@ class DemoShapes(torch.utils.data.Dataset):
 def dataset(data, split, labelled=False, classes=None, encoded=False):
     """`--data PATH` -> PATH/split; None -> the demo. Unlabelled (pretraining): PATH itself when it has no such
     sub-folder. Labelled (probes): PATH/train and PATH/val must both exist, never one folder for both (that
-    would measure on training images); `classes`: train's class map, for val. encoded: samples are Jpegs."""
+    would measure on training images); `classes`: train's class map, for val. encoded: samples are Jpegs.
+    The val split never substitutes the next file for an unreadable one: a placeholder labelled -1 instead."""
     if data is None:
         return DemoShapes(split, encoded=encoded)
     if not os.path.isdir(data):
@@ -136,15 +177,41 @@ def dataset(data, split, labelled=False, classes=None, encoded=False):
         raise ValueError(f"--data {data} needs train/ and val/ sub-folders of classes: evaluating on the training "
                          "folder itself would report top-1 on training images")
     root = os.path.join(data, split) if os.path.isdir(os.path.join(data, split)) else data
-    ds = ImageFiles(root, labelled, classes)
+    ds = ImageFiles(root, labelled, classes, substitute=split != "val")
     ds.encoded = encoded
     return ds
 
 
 def skipped(ds):
-    """{"skipped": unreadable images so far in the run} for a log record, {} while none (or for the demo)."""
+    """{"skipped": unreadable files so far in the run} for a log record, {} while none (or for the demo)."""
     n = int(getattr(getattr(ds, "base", ds), "skipped", 0))
     return {"skipped": n} if n else {}
+
+
+def skip_state(ds):
+    """This process's unreadable files so far (sample indices, all its workers), for a checkpoint; restore_skips on
+    resume. Under torchrun, share_skips first, so that rank 0's holds every process's."""
+    bad = getattr(getattr(ds, "base", ds), "bad", None)
+    return [] if bad is None else bad.nonzero().flatten().tolist()
+
+
+def share_skips(ds):
+    """Flag on every rank the files any rank found unreadable, so `skipped` and skip_state count them all. Under
+    torchrun a collective: call it on every rank (as check_finite); alone, nothing to do."""
+    if dist.is_initialized():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, skip_state(ds))
+        restore_skips(ds, sorted(set().union(*every)))
+
+
+def restore_skips(ds, state):
+    """Flag the files skip_state saved, so `skipped` counts over the whole run and none is announced again."""
+    base = getattr(ds, "base", ds)
+    if state and max(state) >= len(getattr(base, "bad", ())):
+        raise ValueError(f"the checkpoint's unreadable files reach sample {max(state)}; this dataset holds "
+                         f"{len(base)} images: is --data the run's?")
+    if state:
+        base.bad[state] = True
 
 
 # ---- normalisation and the shared crops (PIL in; what each returns is said) ----
@@ -341,20 +408,24 @@ def _tensors(batch):
 
 class Jpeg:
     """A JPEG's bytes (uint8 (n,) tensor) and its size (W, H), not decoded; after a view transform also `views`, the
-    crops to take (crop_spec rows). Files nvJPEG cannot take as they are (not JPEG, e.g. a PNG named .JPEG; CMYK;
-    16-bit; an EXIF rotation, which decode_jpeg applies on the CPU only; no end marker, i.e. truncated) are decoded
-    here by read_image and re-encoded at quality 95: rare in ImageNet, lossy for those few."""
+    crops to take (crop_spec rows); read from a file also its `path` and sample `index` (for decode_views' skip). Files
+    nvJPEG cannot take as they are (not JPEG, e.g. a PNG named .JPEG; CMYK; 16-bit; an EXIF rotation, which decode_jpeg
+    applies on the CPU only; no end marker, i.e. truncated) are decoded here by read_image and re-encoded at quality 95:
+    rare in ImageNet, lossy for those few."""
     def __init__(self, data, size):
         self.data, self.size, self.views = torch.frombuffer(bytearray(data), dtype=torch.uint8), size, None
+        self.path, self.index = None, None
 
     @staticmethod
-    def read(path):
+    def read(path, index=None):
         with open(path, "rb") as f:
             raw = f.read()
         with Image.open(io.BytesIO(raw)) as im:
             plain = im.format == "JPEG" and im.mode in ("RGB", "L") and im.getexif().get(0x0112, 1) == 1
             size = im.size
-        return Jpeg(raw, size) if plain and raw.rstrip(b"\0")[-2:] == b"\xff\xd9" else Jpeg.encode(read_image(path))
+        j = Jpeg(raw, size) if plain and raw.rstrip(b"\0")[-2:] == b"\xff\xd9" else Jpeg.encode(read_image(path))
+        j.path, j.index = path, index
+        return j
 
     def image(self):
         """Decoded on the CPU by PIL -> RGB (figures)."""
@@ -402,17 +473,38 @@ def crop_spec(img, spec):
     return x.flip(-1) if flip else x
 
 
-def decode_views(batch, device):
-    """A JpegBatch -> its views, each a uint8 (B, 3, H, W) batch on `device`: one batched decode_jpeg (nvJPEG on CUDA),
-    then crop_spec per image and view. A batch nvJPEG refuses is decoded image by image on the CPU."""
+def decode_views(batch, device, ds=None):
+    """A JpegBatch -> (views, keep): its views, each a uint8 (B', 3, H, W) batch on `device`, and the positions (B',) on
+    `device` of the images they hold, to take the batch's labels and masks by. One batched decode_jpeg (nvJPEG on CUDA),
+    then crop_spec per image and view. A batch nvJPEG refuses is decoded image by image on the CPU, where an image that
+    still fails (a damaged body behind intact markers: the worker cannot tell) is left out, flagged in `ds` as the
+    workers flag theirs (once a run) and warned with its path."""
     data, rgb = [j.data for j in batch], torchvision.io.ImageReadMode.RGB
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its image io (for TorchCodec); it still works
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
             imgs = torchvision.io.decode_jpeg(data, mode=rgb, device=device)
         except RuntimeError:
-            imgs = [torchvision.io.decode_jpeg(d, mode=rgb).to(device) for d in data]
-    return [torch.stack([crop_spec(img, j.views[v]) for img, j in zip(imgs, batch)]) for v in range(len(batch[0].views))]
+            imgs = [decode_one(j, device, ds) for j in batch]
+    kept = [k for k, img in enumerate(imgs) if img is not None]
+    if not kept:
+        raise RuntimeError(f"none of a batch's {len(batch)} images decodes, e.g. {batch[0].path}: is the data right?")
+    views = [torch.stack([crop_spec(imgs[k], batch[k].views[v]) for k in kept]) for v in range(len(batch[0].views))]
+    whole = len(kept) == len(batch)  # the usual batch: an arange, no host-to-device copy to wait on
+    return views, torch.arange(len(batch), device=device) if whole else torch.tensor(kept, device=device)
+
+
+def decode_one(jpeg, device, ds=None):
+    """A Jpeg decoded on the CPU -> uint8 (3, H, W) on `device`; None if it cannot be (flagged in ds, or warned)."""
+    try:
+        return torchvision.io.decode_jpeg(jpeg.data, mode=torchvision.io.ImageReadMode.RGB).to(device)
+    except RuntimeError as e:
+        base = getattr(ds, "base", ds)
+        if hasattr(base, "unreadable") and jpeg.index is not None:
+            base.unreadable(jpeg.index, e)
+        else:
+            print(f"warning: skipping an undecodable image {jpeg.path or '(in memory)'} ({e})", file=sys.stderr)
+        return None
 
 
 # ---- colour augmentation on the device: the worker decodes and crops, the step does the rest (per sample) ----

@@ -144,7 +144,7 @@ def train(args):
     mix = mix_batch(K, args.mixup, args.cutmix)
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
-    step = run.resume(args.out, model, opt, args=args, total=total)  # weights, optimiser, step, RNG
+    step = run.resume(args.out, model, opt, args=args, total=total, ds=train_ds)  # weights, optimiser, step, RNG
     best = run.load_checkpoint(args.out)["best"] if step else 0.0
     if rank == 0:
         run.banner(args, device, world, micro, accum, f"{lr:.3g} (= {args.blr:g} x {args.batch_size}/"
@@ -188,9 +188,10 @@ def train(args):
                 run.report(dict(epoch=epoch, step=step, top1=result[0], top5=result[1], best_top1=best,
                                 images=result[2]), args.out)
         if step % args.save_every == 0 or epoch_end or stop:
-            run.check_finite(sum(sums.values()), step, args.out)  # never overwrite the last good one
+            run.check_finite(sum(sums.values()), step, args.out, model, opt)  # never save a bad state
+            data.share_skips(train_ds)  # every process's unreadable files, on every rank (a collective)
             if rank == 0:
-                run.save_run(args.out, model, opt, step, args, best=best)
+                run.save_run(args.out, model, opt, step, args, train_ds, best=best)
         if done == args.max_steps:
             break
     result = result or run.evaluate(model, val_dl, device, args.mean, args.std)

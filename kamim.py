@@ -256,7 +256,7 @@ def train(args):
     probe, held = online_probe.online_probe(args, encoder, ds.base, device)  # (None, None) without labels
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
-    step = run.resume(args.out, model, opt, probe, args, total)  # weights, optimiser, step, RNG
+    step = run.resume(args.out, model, opt, probe, args, total, ds)  # weights, optimiser, step, RNG
     if rank == 0:
         run.banner(args, device, world, micro, accum, f"{lr:.3g} (= {args.lr:g} x {args.batch_size}/"
                    f"{REF_BATCH})", per_epoch, total, step)
@@ -295,9 +295,10 @@ def train(args):
                                 eta=run.eta(total - step, dt / n_log), **data.skipped(ds)), args.out)
             sums, n_log, t0 = {}, 0, time.time()
         if step % args.save_every == 0 or epoch_end or stop:
-            run.check_finite(sum(sums.values()), step, args.out)  # never overwrite the last good one
+            run.check_finite(sum(sums.values()), step, args.out, model, opt)  # never save a bad state
+            data.share_skips(ds)  # every process's unreadable files, on every rank (a collective)
             if rank == 0:
-                run.save_run(args.out, model, opt, step, args, encoder=model.encoder.state_dict(),
+                run.save_run(args.out, model, opt, step, args, ds, encoder=model.encoder.state_dict(),
                              probe=probe and probe.state_dict())
         if epoch_end and rank == 0:
             online_probe.report_held_out(probe, model.encoder, held, epoch, step, args.out)

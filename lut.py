@@ -314,7 +314,7 @@ def train(args):
     probe, held = online_probe.online_probe(args, encoder, ds.base, device)  # (None, None) without labels
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
-    step = run.resume(args.out, model, opt, probe, args, total)  # teacher and heads included
+    step = run.resume(args.out, model, opt, probe, args, total, ds)  # teacher and heads included
     if rank == 0:
         rule = f"{args.batch_size}/{REF_BATCH}" if args.lr_scaling == "linear" else f"sqrt({args.batch_size})/4"
         run.banner(args, device, world, micro, accum, f"{lr:.3g} (= {args.lr:g} x {rule}; the paper: 2.4e-3 "
@@ -334,8 +334,9 @@ def train(args):
         for g in opt.param_groups:
             g["lr"] = lr_now * g["lr_scale"]
         for i, (views, y) in enumerate(micro_batches):  # uint8
-            if isinstance(views, data.JpegBatch):  # --decode device
-                views = data.decode_views(views, device)
+            if isinstance(views, data.JpegBatch):  # --decode device (an undecodable image: left out, counted)
+                views, keep = data.decode_views(views, device, ds)
+                y = y[keep]
                 views[0] = data.gray(views[0]) if args.in_chans == 1 else views[0]
             torch.manual_seed(hash((args.seed, step, rank, i)))  # masks, context augmentation: a pure
             if len(views) == 2:  # function of the step; LUT's context view: jitter + three-augment
@@ -370,9 +371,10 @@ def train(args):
                                 eta=run.eta(total - step, dt / n_log), **data.skipped(ds)), args.out)
             sums, n_log, t0 = {}, 0, time.time()
         if step % args.save_every == 0 or epoch_end or stop:
-            run.check_finite(sum(sums.values()), step, args.out)  # never overwrite the last good one
+            run.check_finite(sum(sums.values()), step, args.out, model, opt)  # never save a bad state
+            data.share_skips(ds)  # every process's unreadable files, on every rank (a collective)
             if rank == 0:
-                run.save_run(args.out, model, opt, step, args, encoder=model.encoder.state_dict(),
+                run.save_run(args.out, model, opt, step, args, ds, encoder=model.encoder.state_dict(),
                              probe=probe and probe.state_dict())
         if epoch_end and rank == 0:
             online_probe.report_held_out(probe, model.encoder, held, epoch, step, args.out)

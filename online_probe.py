@@ -62,7 +62,8 @@ def online_probe(args, encoder, ds, device):
     if val is not None:
         idx = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:256].tolist()  # any class order
         tf = data.center_crop(args.img_size, args.mean, args.std)
-        held = torch.stack([tf(val[i][0]) for i in idx]).to(device), torch.tensor([val[i][1] for i in idx], device=device)
+        held = [(x, y) for x, y in (val[i] for i in idx) if y >= 0]  # -1: an unreadable file's placeholder
+        held = torch.stack([tf(x) for x, _ in held]).to(device), torch.tensor([y for _, y in held], device=device)
     return OnlineProbe(encoder, len(classes)), held
 
 

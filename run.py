@@ -164,10 +164,11 @@ def check_resume(saved, args, path):
                          "--out for this run, or --resume-anyway to continue the old run with these flags.")
 
 
-def resume(out_dir, model, opt, probe=None, args=None, total=None):
+def resume(out_dir, model, opt, probe=None, args=None, total=None, ds=None):
     """Auto-resume from out_dir/checkpoint.pt if any: weights, optimiser, RNG (and the online probe's head
-    and optimiser if both have one), after check_resume on `args`. Returns the step to go on from (0:
-    none); a run already at `total` says so (and trains nothing, so nothing is written)."""
+    and optimiser if both have one; the training set's unreadable files, if `ds`), after check_resume on
+    `args`. Returns the step to go on from (0: none); a run already at `total` says so (and trains
+    nothing, so nothing is written)."""
     ckpt, path = load_checkpoint(out_dir), os.path.join(out_dir, "checkpoint.pt")
     if ckpt is None:
         return 0
@@ -180,32 +181,44 @@ def resume(out_dir, model, opt, probe=None, args=None, total=None):
     opt.load_state_dict(ckpt["optimizer"])
     if probe is not None and ckpt.get("probe"):
         probe.load_state_dict(ckpt["probe"])
+    if ds is not None:
+        data.restore_skips(ds, ckpt.get("skips", []))
     set_rng_state(ckpt["rng"], ckpt["step"])
     if total is not None and ckpt["step"] >= total:
         print(f"{path}: already finished at step {ckpt['step']} of {total}; nothing to do", flush=True)
     return ckpt["step"]
 
 
-def save_run(out_dir, model, opt, step, args, **extra):
+def save_run(out_dir, model, opt, step, args, ds=None, **extra):
     """A checkpoint (call on rank 0): the unwrapped model's state, optimiser, step, RNG, vars(args), the
-    model's class (`method`: resume refuses another script's checkpoint) and `extra` (pretraining: the
-    encoder alone, what probes load, and the online probe's state; fine-tuning: the best top-1)."""
+    model's class (`method`: resume refuses another script's checkpoint), the training set's unreadable
+    files (`ds`: after data.share_skips, every rank's) and `extra` (pretraining: the encoder alone, what
+    probes load, and the online probe's state; fine-tuning: the best top-1)."""
     return save_checkpoint(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step,
-                                rng=rng_state(), args=vars(args), method=type(model).__name__, **extra),
-                           out_dir)
+                                rng=rng_state(), args=vars(args), method=type(model).__name__,
+                                skips=data.skip_state(ds) if ds is not None else [], **extra), out_dir)
 
 
-def check_finite(loss, step, out_dir):
+def check_finite(loss, step, out_dir, model=None, opt=None):
     """Stop on a non-finite loss (float or 0-d tensor; syncs) before anything overwrites the last good
-    checkpoint. Under torchrun a collective (call it on every rank): a nan on any rank, which the gradient
-    all-reduce has already spread into every rank's weights, stops them all."""
+    checkpoint; with `model` (and `opt`) also on non-finite weights or optimiser state (a finite loss can
+    still step into NaN weights): a checkpoint never holds them. Under torchrun a collective (call it on
+    every rank): a nan on any rank, which the gradient all-reduce has already spread into every rank's
+    weights, stops them all."""
+    tensors = [] if model is None else [*model.parameters(), *model.buffers()]
+    tensors += [] if opt is None else [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    weights = all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
     cuda = dist.is_initialized() and dist.get_backend() == "nccl"
-    loss = torch.tensor(float(loss), device="cuda" if cuda else "cpu")
+    bad = torch.tensor([float(loss), 0.0 if weights else 1.0], device="cuda" if cuda else "cpu")
     if dist.is_initialized():
-        dist.all_reduce(loss)
-    if not math.isfinite(float(loss)):
-        raise SystemExit(f"non-finite loss ({float(loss)}) at step {step}: stopping without saving; "
-                         f"{os.path.join(out_dir, 'checkpoint.pt')} is the last good state")
+        dist.all_reduce(bad)
+    if math.isfinite(float(bad[0])) and not bad[1]:
+        return
+    path = os.path.join(out_dir, "checkpoint.pt")
+    last = f"{path} (step {load_checkpoint(out_dir)['step']}) is the last good state" if os.path.exists(path) \
+        else "no checkpoint was written"
+    what = f"loss ({float(bad[0])})" if not math.isfinite(float(bad[0])) else "weights or optimiser state"
+    raise SystemExit(f"non-finite {what} at step {step}: stopping without saving; {last}")
 
 
 # ---- what a run prints and logs ----
@@ -313,7 +326,8 @@ def evaluate(model, dl, device, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD, 
     finetune.py's), each image counted once: the DistributedSampler pads every rank to the same length with
     repeats; position k of rank r's share is image k * world + r, so the padding is k * world + r >= n.
     dl: an image loader (uint8 images, normalised here with mean / std), or with n (the val set's size) a
-    list of batches of this rank's cache shard (tokens, used as they are)."""
+    list of batches of this rank's cache shard (tokens, used as they are). A label -1 (the val split's
+    placeholder for an unreadable file) is no image: counted nowhere."""
     model.eval()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     n, k = len(dl.dataset) if n is None else n, 0
@@ -321,7 +335,7 @@ def evaluate(model, dl, device, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD, 
     for x, y in dl:
         x, y = x.to(device), y.to(device)
         x = data.normalize_batch(x, mean, std) if x.dtype == torch.uint8 else x
-        real = (torch.arange(k, k + len(y), device=device) * world + rank) < n
+        real = ((torch.arange(k, k + len(y), device=device) * world + rank) < n) & (y >= 0)
         k += len(y)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             out = model.logits(x)

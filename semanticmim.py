@@ -281,7 +281,7 @@ def train(args):
     probe, held = online_probe.online_probe(args, model.encoder, ds.base, device)  # (None, None): no labels
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
-    step = run.resume(args.out, model, opt, probe, args, total)  # weights, optimiser, step, RNG
+    step = run.resume(args.out, model, opt, probe, args, total, ds)  # weights, optimiser, step, RNG
     if rank == 0:
         run.banner(args, device, world, micro, accum, f"{lr:.3g} (= {args.lr:g} x {args.batch_size}/"
                    f"{REF_BATCH}); {model.n_mask} of {model.encoder.grid[0] * model.encoder.grid[1]} patches "
@@ -297,8 +297,9 @@ def train(args):
         for g in opt.param_groups:
             g["lr"] = lr_now * g["lr_scale"]
         for i, ((img, mask), y) in enumerate(micro_batches):
-            if isinstance(img, data.JpegBatch):  # --decode device
-                img = data.decode_views(img, device)[0]
+            if isinstance(img, data.JpegBatch):  # --decode device (an undecodable image: left out, counted)
+                views, keep = data.decode_views(img, device, ds)
+                img, mask, y = views[0], mask[keep], y[keep]
                 img = data.gray(img) if args.in_chans == 1 else img
             img = data.normalize_batch(img, args.mean, args.std)  # uint8 from the loader
             with run.no_sync(net, i < accum - 1), autocast:
@@ -324,9 +325,10 @@ def train(args):
                                 eta=run.eta(total - step, dt / n_log), **data.skipped(ds)), args.out)
             sums, n_log, t0 = {}, 0, time.time()
         if step % args.save_every == 0 or epoch_end or stop:
-            run.check_finite(sum(sums.values()), step, args.out)  # never overwrite the last good one
+            run.check_finite(sum(sums.values()), step, args.out, model, opt)  # never save a bad state
+            data.share_skips(ds)  # every process's unreadable files, on every rank (a collective)
             if rank == 0:
-                run.save_run(args.out, model, opt, step, args, encoder=model.encoder.state_dict(),
+                run.save_run(args.out, model, opt, step, args, ds, encoder=model.encoder.state_dict(),
                              probe=probe and probe.state_dict())
         if epoch_end and rank == 0:
             online_probe.report_held_out(probe, model.encoder, held, epoch, step, args.out)

@@ -258,7 +258,7 @@ def test_save_run_resume_check_finite(tmp_path):
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     run.check_finite(1.5, 3, out), run.check_finite(torch.tensor(2.0), 3, out)
     for bad in (float("nan"), float("inf"), torch.tensor(float("-inf")), torch.tensor(float("nan"), dtype=torch.bfloat16)):
-        with pytest.raises(SystemExit, match=r"non-finite loss .* step 3: .*checkpoint\.pt is the last good state"):
+        with pytest.raises(SystemExit, match=r"non-finite loss .* step 3: .*checkpoint\.pt \(step 7\) is the last good state"):
             run.check_finite(bad, 3, out)
 
 

@@ -218,7 +218,7 @@ def test_device_decode_gives_the_worker_crops(tmp_path):
     for crop, exact in (("src", 2), ("rrc", 0)):
         a, b = data.Seeded(worker, lut.Views(32, crop)), data.Seeded(device, lut.Views(32, crop))
         for epoch in range(3):
-            views = data.decode_views(data.collate([b[(epoch, i)] for i in range(5)])[0], torch.device("cpu"))
+            views, _ = data.decode_views(data.collate([b[(epoch, i)] for i in range(5)])[0], torch.device("cpu"))
             for v in range(2):
                 ref = torch.stack([a[(epoch, i)][0][v] for i in range(5)])
                 assert views[v].shape == ref.shape == (5, 3, 32, 32)

@@ -212,7 +212,7 @@ def test_device_decode_gives_the_worker_crops_and_masks(tmp_path):
     for epoch in range(3):
         (jpegs, masks), _ = data.collate([b[(epoch, i)] for i in range(3)])
         ref = [a[(epoch, i)][0] for i in range(3)]
-        img = data.decode_views(jpegs, torch.device("cpu"))[0]
+        img = data.decode_views(jpegs, torch.device("cpu"))[0][0]
         assert img.shape == (3, 3, 32, 32) and img.dtype == torch.uint8
         assert torch.equal(masks, torch.stack([m for _, m in ref]))  # the same draws, in the same order
         assert (img.float() - torch.stack([c for c, _ in ref]).float()).abs().mean() < 3, epoch

@@ -1,0 +1,54 @@
+"""run.py: the non-finite stop that guards every checkpoint, the shared flags' own constraints, evaluate's count."""
+import argparse
+import pytest
+import torch
+
+import kamim
+import run
+
+
+def test_nan_weights_are_never_saved(tmp_path):
+    # a finite loss whose update made the weights NaN: stop, name the step of the last good checkpoint
+    net, out = torch.nn.Linear(3, 2), str(tmp_path)
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    with pytest.raises(SystemExit, match="non-finite .* step 3: stopping without saving; no checkpoint was written"):
+        with torch.no_grad():
+            net.weight[0, 0] = float("nan")
+        run.check_finite(1.0, 3, out, net, opt)
+    with torch.no_grad():
+        net.weight[0, 0] = 0.0
+    run.check_finite(1.0, 4, out, net, opt)  # finite: passes
+    run.save_run(out, net, opt, 4, argparse.Namespace())
+    opt.state[net.weight]["exp_avg"][0, 0] = float("inf")  # the optimiser state counts too
+    with pytest.raises(SystemExit, match=r"weights or optimiser state at step 5: .*\(step 4\) is the last good"):
+        run.check_finite(1.0, 5, out, net, opt)
+
+
+def test_a_run_that_steps_into_nan_keeps_its_last_good_checkpoint(tmp_path, monkeypatch, one_thread):
+    out = str(tmp_path)
+    flags = ["--img-size", "32", "--batch-size", "8", "--workers", "0", "--save-every", "1", "--no-online-probe",
+             "--out", out]
+    kamim.main([*flags, "--max-steps", "1"])
+    step = torch.optim.AdamW.step
+
+    def poisoned(self, *a, **k):  # the second update writes a NaN into the weights; the loss it logs is finite
+        step(self, *a, **k)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    with pytest.raises(SystemExit, match=r"weights or optimiser state at step 2: .*\(step 1\) is the last good"):
+        kamim.main([*flags, "--max-steps", "1"])
+    ck = run.load_checkpoint(out)
+    assert ck["step"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("flags, message", [(["--epoch", "3"], "unrecognized arguments: --epoch"),
+                                            (["--log-every", "0"], "--log-every: 0 must be > 0"),
+                                            (["--workers", "-1"], "--workers: -1 must be >= 0"),
+                                            (["--std", "0.2", "0", "0.2"], "--std: 0 must be > 0")])
+def test_shared_flags_refuse_abbreviations_and_bad_numbers(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        kamim.parse_args(flags)
+    assert message in capsys.readouterr().err

@@ -19,6 +19,9 @@ def read_log(path):
     """Progress records (those with a step) -> (steps, {term: values}); loss terms are the keys
     beginning with 'loss' or named like the scripts' terms (mim, bc, l1)."""
     recs = [r for r in map(json.loads, open(path)) if "step" in r]
+    # a resumed run logs again the steps between its last checkpoint and the kill: the later record wins
+    last = {(r["step"], "top1" in r, "probe_val_top1" in r): i for i, r in enumerate(recs)}
+    recs = [r for i, r in enumerate(recs) if last[(r["step"], "top1" in r, "probe_val_top1" in r)] == i]
     if not recs:
         raise SystemExit(f"{path} holds no progress records")
     evals = [r for r in recs if "top1" in r]  # finetune.py / abmilp_probe.py: val top-1 records, logged apart

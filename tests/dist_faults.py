@@ -6,8 +6,9 @@ import sys
 
 import abmilp_probe as ap
 import data
+import run
 
-rank, world, device = data.setup()
+rank, world, device = run.setup()
 ds = data.ImageFiles(sys.argv[2])
 data.restore_skips(ds, [rank])
 data.share_skips(ds)

@@ -28,6 +28,7 @@ import abmilp_probe as ap
 import data
 import lut
 import online_probe
+import run
 import semanticmim
 import vit
 
@@ -154,10 +155,10 @@ def test_unreadable_val_images_are_never_replaced(tmp_path, capsys):
     probe = ap.Probe(vit.vit("vit_demo", 32), 2, "avg")
     dl = data.loader(data.Seeded(val, ap.transforms(32)[1]), 4, train=False, workers=0)
     data.set_epoch(dl, 0)
-    assert ap.evaluate(probe, dl, CPU)[2] == 12
+    assert run.evaluate(probe, dl, CPU)[2] == 12
     args = ap.parse_args(["--img-size", "32", "--workers", "0", "--out", str(tmp_path / "c")])
     shard = ap.cached(args, probe, val, "val", {"condensed": True}, CPU)
-    assert ap.evaluate(probe, ap.shard_batches(*shard, 4), CPU, n=14)[2] == 12
+    assert run.evaluate(probe, ap.shard_batches(*shard, 4), CPU, n=14)[2] == 12
     common = ["--data", str(tmp_path), "--model", "vit_demo", "--img-size", "32", "--workers", "0", "--batch-size", "8",
               "--epochs", "1", "--warmup-epochs", "0"]
     for pool, cache in (("knn", "--no-cache-features"), ("knn", "--cache-features"), ("avg", "--cache-features")):

@@ -17,7 +17,7 @@ def test_layer_decay_scales_hand_computed():
     e = m.encoder
     assert scale[id(e.patch_embed.proj.weight)] == 0.5 ** 3 and scale[id(e.cls_token)] == 0.5 ** 3  # layer 0
     assert scale[id(e.blocks[0].attn.qkv.weight)] == 0.5 ** 2 and scale[id(e.blocks[1].mlp.fc1.weight)] == 0.5
-    assert scale[id(m.head.weight)] == 1.0 and scale[id(e.norm.weight)] == 1.0
+    assert scale[id(m.head.weight)] == 1.0 and scale[id(m.fc_norm.weight)] == 1.0 and not hasattr(e.norm, "weight")
 
 
 def test_drop_path_linear_rule():

@@ -1,5 +1,6 @@
 """run.py: the non-finite stop that guards every checkpoint, the shared flags' own constraints, evaluate's count."""
 import argparse
+import json
 import pytest
 import torch
 
@@ -52,3 +53,14 @@ def test_shared_flags_refuse_abbreviations_and_bad_numbers(flags, message, capsy
     with pytest.raises(SystemExit):
         kamim.parse_args(flags)
     assert message in capsys.readouterr().err
+
+
+def test_loss_curve_keeps_the_resumed_record(tmp_path):
+    # a run killed after step 40 (last checkpoint at 30) logs 40 again after its resume: the later one counts
+    import benchmarks.loss_curve as lc
+    log = tmp_path / "log.jsonl"
+    recs = [dict(step=20, loss=3.0), dict(step=40, loss=2.0), dict(resume=30), dict(step=40, loss=2.5),
+            dict(step=40, top1=50.0), dict(step=60, loss=1.0)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    steps, curves = lc.read_log(str(log))
+    assert steps == [20, 40, 60] and curves["loss"] == [3.0, 2.5, 1.0]

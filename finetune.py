@@ -181,10 +181,10 @@ RAND_INCREASING = {
         x, 0.0, [0.0, 0.0], 1.0, [math.degrees(math.atan(a)), 0.0], center=[0, 0], **g)),
     "ShearY": (lambda lv: _negate(0.3 * lv), lambda x, a, **g: TF.affine(
         x, 0.0, [0.0, 0.0], 1.0, [0.0, math.degrees(math.atan(a))], center=[0, 0], **g)),
-    "TranslateXRel": (lambda lv: _negate(0.45 * lv), lambda x, a, **g: TF.affine(  # +-0.45 of the side at level 1
-        x, 0.0, [a * TF.get_size(x)[1], 0.0], 1.0, [0.0, 0.0], **g)),
+    "TranslateXRel": (lambda lv: _negate(0.45 * lv), lambda x, a, **g: TF.affine(  # PIL's (1, 0, a W, 0, 1, 0)
+        x, 0.0, [-a * TF.get_size(x)[1], 0.0], 1.0, [0.0, 0.0], **g)),
     "TranslateYRel": (lambda lv: _negate(0.45 * lv), lambda x, a, **g: TF.affine(
-        x, 0.0, [0.0, a * TF.get_size(x)[0]], 1.0, [0.0, 0.0], **g)),
+        x, 0.0, [0.0, -a * TF.get_size(x)[0]], 1.0, [0.0, 0.0], **g)),
 }
 
 

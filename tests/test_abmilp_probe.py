@@ -193,6 +193,15 @@ def test_knn_two_classes_by_hand():
         torch.testing.assert_close(votes, expect, rtol=1e-3, atol=1e-3)
 
 
+def test_knn_default_temperature_votes_by_hand():
+    # DINO's T = 0.07, as the function and --knn-t default it: q (1, 0) against (1, 0) class 0, (0, 1) and (1, 1) class 1
+    bank, labels, q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.0]])
+    expect = torch.tensor([[math.exp(1 / 0.07), math.exp(0.0) + math.exp(2 ** -0.5 / 0.07)]])
+    args = ap.parse_args([])
+    for votes in (ap.knn_classify(q, bank, labels, 2), ap.knn_classify(q, bank, labels, 2, args.knn_k, args.knn_t)):
+        torch.testing.assert_close(votes, expect, rtol=1e-4, atol=0)
+
+
 def test_knn_k1_is_nearest_neighbour_and_bank_order_is_irrelevant():
     g = torch.Generator().manual_seed(0)
     q, bank, labels = torch.randn(40, 8, generator=g), torch.randn(300, 8, generator=g), torch.randint(0, 5, (300,), generator=g)

@@ -58,6 +58,32 @@ def test_mix_soft_labels_match_images(one_thread):
         assert torch.allclose(xm.mean((1, 2, 3)), ym @ torch.arange(4.0), atol=1e-5)
 
 
+def test_mixup_weight_is_beta_of_mixups_alpha(one_thread):
+    # MixUp's weight lam ~ Beta(0.8, 0.8) (var 1 / (4 (2a + 1)) = 0.096), not CutMix's Beta(1, 1) (var 1/12 = 0.083)
+    torch.manual_seed(0)
+    x, y, lams = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 8).clone(), torch.arange(4), []
+    mix = finetune.mix_batch(4, 0.8, 1.0)
+    while len(lams) < 3000:
+        xm, ym = mix(x, y)
+        v = xm[1, 0, 0, 0]  # image 1 (all 1) with image 0 (all 0) rolled in: lam everywhere for MixUp
+        if (xm[1] == v).all() and 0 < v < 1:  # CutMix pastes a box of whole 0s (or, box-less, leaves all 1s)
+            lams.append(float(ym[1, 1]))
+    lams = torch.tensor(lams)
+    assert abs(lams.mean() - 0.5) < 0.02 and abs(lams.var() - 1 / (4 * 2.6)) < 0.005
+
+
+def test_label_smoothing_reaches_the_loss(one_thread):
+    # a hand example through build(): logits (2, 0, 0), label 0; smoothing e spreads e / K over the classes
+    logits = torch.tensor([[2.0, 0.0, 0.0]])
+    nll = -logits.log_softmax(1)[0]  # (3,)
+    for flags, e in (([], 0.1), (["--smoothing", "0"], 0.0)):  # MAE / Table D's 0.1 is the demo's too
+        model = finetune.build(finetune.parse_args(flags), 3)
+        model.logits = lambda img: logits
+        loss = model(torch.zeros(1, 3, 64, 64), torch.tensor([0]))[0]
+        assert loss.item() == pytest.approx(((1 - e) * nll[0] + e * nll.mean()).item(), abs=1e-6)
+    assert ((1 - 0.1) * nll[0] + 0.1 * nll.mean()).item() > nll[0].item() + 0.05  # the two differ
+
+
 def test_eval_counts_each_image_once(one_thread, tmp_path):
     args = finetune.parse_args(["--out", str(tmp_path), "--max-steps", "1", "--workers", "0", "--micro-batch", "128"])
     top1, top5, n = finetune.train(args)

@@ -5,7 +5,7 @@
     python abmilp_probe.py            # demo: random-init vit_demo on DemoShapes, every pooling side by side
 
 The encoder is frozen and in eval mode; only the head trains: [pool] -> BatchNorm1d(no affine) -> Linear
-(MAE's linear probe). AbMILP (eq. 6) scores each patch token with t: D -> 1 and sums the patch tokens
+(MAE's linear probe; SemanticMIM's code: a frozen fresh LayerNorm; KAMIM's: no norm). AbMILP (eq. 6) scores each patch token with t: D -> 1 and sums the patch tokens
 weighted by the softmax of the scores. `--protocol` selects the probe each paper's numbers came from
 (mae: Beyond [cls], MAE, LUT; kamim: KAMIM App. A; semanticmim: SemanticMIM §4). `--attention-stats`
 writes the four per-block statistics of §4 instead of training.
@@ -102,10 +102,11 @@ class LARS(torch.optim.Optimizer):
 # ---- the probe ----
 
 class Probe(nn.Module):
-    """Frozen encoder -> tokens of block `block` -> pool -> BatchNorm1d(affine=False) -> Linear.
+    """Frozen encoder -> tokens of block `block` -> pool -> norm -> Linear. norm: "bn" BatchNorm1d(affine=False) (MAE),
+    "ln" LayerNorm without affine = SemanticMIM's released probe (avg_featmap's fresh ln2, frozen), or "none" (KAMIM).
     pool: "cls" (the prefix tokens; several are combined by proxy_pool), "avg" (mean of the patch tokens)
     or "abmilp" (eq. 6; t is one Linear, or App. B.2's 2-layer MLP with tanh / relu)."""
-    def __init__(self, encoder, num_classes, pool="abmilp", block=None, final_norm=False, head_bn=True,
+    def __init__(self, encoder, num_classes, pool="abmilp", block=None, final_norm=False, head_norm="bn",
                  proxy_pool="mean", t="linear"):
         super().__init__()
         self.encoder = encoder.requires_grad_(False).eval()
@@ -115,7 +116,8 @@ class Probe(nn.Module):
             act = nn.Tanh() if t == "tanh" else nn.ReLU()
             self.t = nn.Linear(D, 1) if t == "linear" else nn.Sequential(nn.Linear(D, D), act, nn.Linear(D, 1))
         width = D * P if pool == "cls" and proxy_pool == "concat" else D
-        self.bn = nn.BatchNorm1d(width, affine=False, eps=1e-6) if head_bn else nn.Identity()  # MAE's probe
+        self.norm = nn.BatchNorm1d(width, affine=False, eps=1e-6) if head_norm == "bn" else \
+            nn.LayerNorm(width, eps=1e-6, elementwise_affine=False) if head_norm == "ln" else nn.Identity()
         self.fc = nn.Linear(width, num_classes)
         nn.init.trunc_normal_(self.fc.weight, std=0.01)  # MAE re-initialises the head this way
         nn.init.zeros_(self.fc.bias)
@@ -143,7 +145,7 @@ class Probe(nn.Module):
     def logits(self, x):
         """Normalised images (B, C, H, W) or cached tokens (B, P + N or P + 1, D; bf16) -> (B, K)."""
         tokens = self.features(x) if x.ndim == 4 else x.float()
-        return self.fc(self.bn(self.pooled(tokens)[0].float()))
+        return self.fc(self.norm(self.pooled(tokens)[0].float()))
 
     def forward(self, x, y):
         loss = F.cross_entropy(self.logits(x).float(), y)
@@ -173,16 +175,15 @@ def count_params(model):
 
 def transforms(img_size, protocol="mae", mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD):
     """MAE's probe: train RandomResizedCrop scale (0.08, 1) bicubic + flip; val resize 256/224 x, centre crop.
-    KAMIM's (App. A, its fine-tuning augmentation): resize to img x img, TrivialAugmentWide, RandomErasing p 0.5;
-    val resize to img x img. Its MixUp / CutMix acts on whole batches: mix_batch. Out: uint8 (C, H, W), normalised
-    on the device by `normalized` (a quarter of the bytes to pin and copy), except KAMIM's train view: RandomErasing
-    erases in normalised space (to 0, the mean colour) with the worker's seeded draws, so it stays float from there."""
+    KAMIM's (App. A: its fine-tuning augmentation, as its code runs it on uint8): v2.Resize((img, img),
+    antialias=False), TrivialAugmentWide, RandomErasing p 0.5 to black (§4.1.1: before normalisation); val the same
+    resize. Its MixUp / CutMix acts on whole batches: mix_batch. Out: uint8 (C, H, W), normalised on the device by
+    `normalized` (a quarter of the bytes to pin and copy)."""
     u8, size = data.to_uint8(len(mean)), data.image_size(img_size)
     if protocol != "kamim":
         return T.Compose([data.crop_flip(img_size), u8]), data.center_crop(img_size, mean, std, uint8=True)
-    resize = T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)
-    return (T.Compose([resize, T.TrivialAugmentWide(), data.normalize(mean, std), T.RandomErasing(p=0.5)]),
-            T.Compose([resize, u8]))
+    resize = v2.Resize(size, antialias=False)  # bilinear, no antialiasing: KAMIM's code
+    return T.Compose([u8, resize, T.TrivialAugmentWide(), T.RandomErasing(p=0.5, value=0)]), T.Compose([u8, resize])
 
 
 def normalized(x, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD):
@@ -320,7 +321,7 @@ def train(args, cache=None):
     encoder = vit.build_encoder(args.model, args.img_size, args.checkpoint, args.in_chans)  # fails before any data
     train_ds = data.dataset(args.data, "train", labelled=True)
     val_ds = data.dataset(args.data, "val", labelled=True, classes=train_ds.classes)  # one class map: train's
-    model = Probe(encoder, len(train_ds.classes), args.pool, args.block, args.final_norm, args.head_bn,
+    model = Probe(encoder, len(train_ds.classes), args.pool, args.block, args.final_norm, args.head_norm,
                   args.proxy_pool, args.abmilp_t).to(device)
     micro, accum = run.batch_split(args.batch_size, world, args.micro_batch)
     lr = args.lr * args.batch_size / args.ref_batch
@@ -343,7 +344,8 @@ def train(args, cache=None):
     if args.optimizer == "lars":  # MAE: no weight decay; LARS excludes biases from the trust ratio itself
         opt = LARS(head, weight_decay=args.weight_decay, momentum=args.momentum, trust_coefficient=args.trust)
     else:
-        opt = torch.optim.AdamW(vit.param_groups(model, args.weight_decay), lr=lr, fused=device.type == "cuda")
+        opt = torch.optim.AdamW(vit.param_groups(model, args.weight_decay) if args.decay_exclusions else head,
+                                lr=lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     per_epoch = len(train_ds) // world // micro // accum  # drop_last: each rank the smallest share's steps
     if per_epoch == 0:
         raise ValueError(f"{len(train_ds)} images give no full step of {accum} x {micro} per process")
@@ -363,7 +365,8 @@ def train(args, cache=None):
     steps = cache_steps(*train_shard, micro, accum, per_epoch, args.epochs, step, args.seed) \
         if args.cache_features else data.train_steps(dl, args.epochs, accum, step, device)  # prefetched
     for epoch, step, micro_batches in steps:
-        lr_now = run.cosine(step, total, warmup, lr)  # per step: linear warmup from 0, half-cosine to 0
+        schedule = run.timm_cosine if args.lr_curve == "timm" else run.cosine
+        lr_now = schedule(step, total, warmup, lr, args.min_lr, args.warmup_lr)  # per step
         for g in opt.param_groups:
             g["lr"] = lr_now
         for i, (x, y) in enumerate(micro_batches):
@@ -374,7 +377,9 @@ def train(args, cache=None):
                 (loss / accum).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v / accum
-        opt.step()  # no gradient clipping: MAE's probe has none
+        if args.clip_grad:  # KAMIM's code: 1.0; MAE's and SemanticMIM's probes: none
+            nn.utils.clip_grad_norm_(head, args.clip_grad)
+        opt.step()
         opt.zero_grad(set_to_none=True)
         step, n_log, done = step + 1, n_log + 1, done + 1
         epoch_end, stop = step % per_epoch == 0, step == total or done == args.max_steps
@@ -490,14 +495,19 @@ def attention_statistics(args):
 # ---- command line ----
 
 PROTOCOLS = {  # the probe behind each paper's numbers (digest); every individual flag overrides its preset
-    "mae": dict(pool="abmilp", block=None, head_bn=True, optimizer="lars", lr=0.1, ref_batch=256, batch_size=16384,
+    "mae": dict(pool="abmilp", block=None, head_norm="bn", optimizer="lars", lr=0.1, ref_batch=256, batch_size=16384,
                 epochs=90, warmup_epochs=10, weight_decay=0.0, img_size=224),  # Beyond [cls] §5 = MAE's probe
-    "kamim": dict(pool="avg", block=8, head_bn=False, optimizer="adamw", lr=5e-3, ref_batch=2048, batch_size=2048,
-                  epochs=100, warmup_epochs=10, weight_decay=0.05, img_size=192, mix=True),  # KAMIM App. A (SimMIM's probe)
-    "semanticmim": dict(pool="cls", block=7, head_bn=True, optimizer="adamw", lr=4e-3, ref_batch=1024, batch_size=1024,
-                        epochs=100, warmup_epochs=0, weight_decay=1e-4, img_size=224),  # §4.1, BEiT's protocol; BN head: ours (unsaid)
-    "semanticmim_code": dict(pool="avg", block=None, head_bn=True, optimizer="adamw", lr=4e-3, ref_batch=1024, batch_size=1024,
-                             epochs=100, warmup_epochs=0, weight_decay=1e-4, img_size=224),  # yyk-wew/SemanticMIM: mean of final tokens
+    # KAMIM App. A (SimMIM's probe); where it is silent, its code: clip 1.0, decay on every parameter, timm's cosine
+    # from 2.5e-6 to a 2.5e-6 floor (and transforms' uint8 resize without antialiasing)
+    "kamim": dict(pool="avg", block=8, head_norm="none", optimizer="adamw", lr=5e-3, ref_batch=2048, batch_size=2048,
+                  epochs=100, warmup_epochs=10, weight_decay=0.05, img_size=192, mix=True, clip_grad=1.0, lr_curve="timm",
+                  warmup_lr=2.5e-6, min_lr=2.5e-6),
+    # SemanticMIM §4.1 / Table 5 (BEiT's protocol); the norm before the head, unsaid: its released probe's LayerNorm
+    "semanticmim": dict(pool="cls", block=7, head_norm="ln", optimizer="adamw", lr=4e-3, ref_batch=1024, batch_size=1024,
+                        epochs=100, warmup_epochs=0, weight_decay=1e-4, img_size=224),
+    # yyk-wew/SemanticMIM *_cls_linear_probing.py: the last block's patch mean, then a frozen fresh LayerNorm
+    "semanticmim_code": dict(pool="avg", block=None, head_norm="ln", optimizer="adamw", lr=4e-3, ref_batch=1024,
+                             batch_size=1024, epochs=100, warmup_epochs=0, weight_decay=1e-4, img_size=224),
 }
 
 # the demo (no --data) overrides only these; lr: MAE's absolute 6.4 (0.1 x 16384/256), since LARS at 0.1
@@ -513,8 +523,9 @@ def parse_args(argv=None):
     a("--checkpoint", help="encoder checkpoint: ours ('encoder' key) or MAE / DeiT / DINO in the timm layout; absent: random init")
     a("--model", help="vit_demo / vit_t / vit_s / vit_b / vit_l / vit_h (default vit_b; demo vit_demo)")
     a("--protocol", default="mae", choices=PROTOCOLS, help="preset of the flags below: mae (Beyond [cls] §5, MAE's "
-      "probe; default), kamim (KAMIM App. A: block 8, avg, no BN, AdamW 5e-3, TrivialAugment + RandomErasing, "
-      "MixUp / CutMix), semanticmim (§4.1: block 7, AdamW 4e-3), semanticmim_code (released configs: mean of final tokens)")
+      "probe; default), kamim (KAMIM App. A: block 8, avg, no norm, AdamW 5e-3, TrivialAugment + RandomErasing, "
+      "MixUp / CutMix; code: clip 1.0, timm's cosine), semanticmim (§4.1: block 7, AdamW 4e-3, LayerNorm head: code), "
+      "semanticmim_code (released configs: mean of the final patch tokens, frozen fresh LayerNorm)")
     a("--pool", choices=["cls", "avg", "abmilp", "knn", "all"], help="cls ([cls] / proxy tokens), avg (patch mean) or "
       "abmilp (eq. 6; mae preset); knn = DINO's weighted kNN on [cls] and avg, no training; all = each, side by side")
     a("--knn-k", type=int, default=20, help="kNN neighbours (DINO: 20)")
@@ -522,8 +533,9 @@ def parse_args(argv=None):
     a("--block", type=int, help="read the tokens after block K (1-indexed; default the last; SimMIM/KAMIM 8, SemanticMIM 7)")
     a("--final-norm", action=argparse.BooleanOptionalAction, default=False, help="apply the encoder's final LayerNorm "
       "(MAE's own probe does; Beyond [cls]'s released code, which produced Table 1, does not: default off)")
-    a("--head-bn", action=argparse.BooleanOptionalAction, help="BatchNorm1d(affine=False, eps 1e-6) before the "
-      "Linear (MAE; on in the mae preset, off for kamim)")
+    a("--head-norm", choices=["bn", "ln", "none"], help="before the Linear: bn = BatchNorm1d(affine=False, eps 1e-6) "
+      "(mae: MAE's probe); ln = LayerNorm without affine, eps 1e-6 (semanticmim, semanticmim_code: the released probe's "
+      "frozen fresh ln2 after the pool; the paper does not say); none (kamim: App. A)")
     a("--proxy-pool", default="mean", choices=["mean", "first", "concat"], help="--pool cls with several prefix "
       "tokens (SemanticMIM's 8 proxies): their mean (default; the paper does not say), the first, or concatenated")
     a("--abmilp-t", default="linear", choices=["linear", "tanh", "relu"], help="AbMILP's t: one Linear (the paper's "
@@ -533,8 +545,17 @@ def parse_args(argv=None):
     a("--ref-batch", type=int, help="the batch --lr refers to (mae 256, kamim 2048, semanticmim 1024)")
     a("--batch-size", type=int, help="GLOBAL batch (mae 16384, kamim 2048, semanticmim 1024), reached by accumulation")
     a("--epochs", type=int, help="mae 90 (50 for vit_l / vit_h), kamim 100, semanticmim 100")
-    a("--warmup-epochs", type=int, help="linear warmup from 0 (mae 10, kamim 10, semanticmim 0)")
+    a("--warmup-epochs", type=int, help="linear warmup (mae 10, kamim 10, semanticmim 0)")
+    a("--lr-curve", choices=["fresh", "timm"], help="fresh: warmup, then a half-cosine to --min-lr (MAE, SemanticMIM's "
+      "configs); timm: timm's CosineLRScheduler, one cosine over all epochs, the warmup overriding its start (kamim: code)")
+    a("--warmup-lr", type=float, help="lr the warmup starts from, absolute (0; kamim 2.5e-6: code)")
+    a("--min-lr", type=float, help="the cosine's floor, absolute (0: MAE, SemanticMIM Table 5; kamim 2.5e-6: code)")
     a("--weight-decay", type=float, help="mae 0, kamim 0.05, semanticmim 1e-4")
+    a("--decay-exclusions", action=argparse.BooleanOptionalAction, default=False, help="AdamW: no weight decay on "
+      "biases (MAE's rule); default off: decay on every head parameter (KAMIM's and SemanticMIM's code; LARS decays "
+      "only ndim > 1 itself)")
+    a("--clip-grad", type=float, help="gradient-norm clip, 0 = none (mae: MAE's probe, semanticmim: the configs); "
+      "kamim 1.0 (code)")
     a("--momentum", type=float, default=0.9, help="LARS momentum (MAE: 0.9)")
     a("--trust", type=float, default=0.001, help="LARS trust coefficient eta (MAE: 0.001)")
     a("--img-size", type=data.image_size, help="mae 224, kamim 192, semanticmim 224 (val resizes to img * 256/224, centre "
@@ -551,7 +572,8 @@ def parse_args(argv=None):
                      "checkpoint.pt -> kamim) or random_init; --pool all: one sub-folder per pool")
     args = p.parse_args(argv)
     demo = args.data is None
-    preset = dict(PROTOCOLS[args.protocol], model="vit_demo" if demo else "vit_b", cache_features=demo)
+    preset = dict(dict(lr_curve="fresh", warmup_lr=0.0, min_lr=0.0, clip_grad=0.0), **PROTOCOLS[args.protocol],
+                  model="vit_demo" if demo else "vit_b", cache_features=demo)
     if demo:  # the demo overrides only DEMO's values (and says so in --help)
         preset.update(DEMO)
     elif args.protocol == "mae" and args.model in ("vit_l", "vit_h"):

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from torchvision import transforms as T
+from torchvision.transforms import v2
 
 import abmilp_probe as ap
 import run
@@ -78,10 +79,12 @@ def test_cached_resume_and_memory_map_are_exact(tmp_path, monkeypatch):
 
 def test_uint8_images_match_the_float_path():
     # the worker ships uint8 and the step normalises; the old transforms normalised in the worker (same crops)
-    ds, bicubic = data.DemoShapes("val", 6), T.InterpolationMode.BICUBIC
+    ds = data.DemoShapes("val", 6)
     torch.manual_seed(0)
     probe = ap.Probe(vit.vit("vit_demo", 32), 6, "avg").eval()
-    for protocol, old in (("mae", data.center_crop(32)), ("kamim", T.Compose([T.Resize((32, 32), interpolation=bicubic), data.normalize()]))):
+    kamim = T.Compose([data.to_uint8(), v2.Resize((32, 32), antialias=False), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])  # KAMIM's code: the uint8 image resized
+    for protocol, old in (("mae", data.center_crop(32)), ("kamim", kamim)):
         new = data.Seeded(ds, ap.transforms(32, protocol)[1])
         x = ap.normalized(torch.stack([new[i][0] for i in range(6)]))
         torch.testing.assert_close(x, torch.stack([old(ds[i][0]) for i in range(6)]), rtol=0, atol=1e-5)

@@ -85,7 +85,7 @@ def test_proxy_tokens_pool():
 def test_encoder_frozen_and_unchanged():
     torch.manual_seed(0)
     probe = ap.Probe(vit.vit("vit_demo", img_size=32), 6, "abmilp").train()
-    assert not probe.encoder.training and probe.bn.training
+    assert not probe.encoder.training and probe.norm.training
     before = {k: v.clone() for k, v in probe.state_dict().items()}
     opt = ap.LARS([p for p in probe.parameters() if p.requires_grad], lr=1.0)
     for _ in range(3):
@@ -122,9 +122,9 @@ def test_bad_input_fails_before_data(tmp_path, monkeypatch):
         with pytest.raises(SystemExit):
             ap.parse_args(argv)
     args = ap.parse_args(["--data", str(tmp_path), "--protocol", "kamim", "--model", "vit_s"])
-    assert (args.block, args.pool, args.head_bn, args.optimizer, args.batch_size, args.img_size, args.mix) == (8, "avg", False, "adamw", 2048, (192, 192), True)
-    args = ap.parse_args(["--data", str(tmp_path), "--model", "vit_l", "--block", "20", "--no-head-bn"])
-    assert (args.block, args.epochs, args.head_bn, args.lr, args.pool, args.final_norm) == (20, 50, False, 0.1, "abmilp", False)
+    assert (args.block, args.pool, args.head_norm, args.optimizer, args.batch_size, args.img_size, args.mix) == (8, "avg", "none", "adamw", 2048, (192, 192), True)
+    args = ap.parse_args(["--data", str(tmp_path), "--model", "vit_l", "--block", "20", "--head-norm", "none"])
+    assert (args.block, args.epochs, args.head_norm, args.lr, args.pool, args.final_norm) == (20, 50, "none", 0.1, "abmilp", False)
 
 
 def small_demo(monkeypatch, n_train=96, n_val=48):
@@ -138,7 +138,7 @@ def test_protocol_transforms():
     red = lambda x: ap.normalized(x[None])[0, 0, :, 0].mean() > 0  # the left column is red (normalised R > 0)
     (_, mae_val), (kamim_train, kamim_val) = ap.transforms(192), ap.transforms(192, "kamim")
     assert mae_val(img).shape == kamim_val(img).shape == kamim_train(img).shape == (3, 192, 192)
-    assert mae_val(img).dtype == kamim_val(img).dtype == torch.uint8 != kamim_train(img).dtype  # erasing: float
+    assert mae_val(img).dtype == kamim_val(img).dtype == kamim_train(img).dtype == torch.uint8  # erasing on uint8 (code)
     assert red(kamim_val(img)) and not red(mae_val(img))  # KAMIM: resize to 192 x 192, no centre crop
 
 
@@ -150,7 +150,7 @@ def test_each_pooling_trains_and_reports(tmp_path, monkeypatch):
     assert len(losses) == 24 and sum(losses[-3:]) < sum(losses[:3])  # the demo lowers the loss
     assert os.path.exists(tmp_path / "abmilp" / "scores_epoch007.png")
     res = ap.main(["--img-size", "32", "--batch-size", "32", "--max-steps", "2", "--pool", "avg", "--optimizer", "adamw",
-                   "--no-head-bn", "--lr", "5e-3", "--ref-batch", "2048", "--weight-decay", "0.05", "--out", str(tmp_path / "adamw")])
+                   "--head-norm", "none", "--lr", "5e-3", "--ref-batch", "2048", "--weight-decay", "0.05", "--out", str(tmp_path / "adamw")])
     assert torch.load(tmp_path / "adamw" / "checkpoint.pt", weights_only=True)["step"] == 2  # KAMIM's AdamW probe runs
     stats = ap.main(["--attention-stats", "--img-size", "32", "--out", str(tmp_path)])  # §4 on the val split
     out = json.load(open(tmp_path / "attention_stats.json"))
@@ -191,6 +191,15 @@ def test_knn_two_classes_by_hand():
         c = math.exp(2 ** -0.5 / 0.5)  # the diagonal [1, 1] at cos 1/sqrt(2)
         expect = torch.tensor([[math.exp(2), c + 1.0], [1.0, math.exp(2) + c]])  # q0: sims 1 (c0), .71, 0 (c1)
         torch.testing.assert_close(votes, expect, rtol=1e-3, atol=1e-3)
+
+
+def test_knn_default_temperature_votes_by_hand():
+    # DINO's T = 0.07, as the function and --knn-t default it: q (1, 0) against (1, 0) class 0, (0, 1) and (1, 1) class 1
+    bank, labels, q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.0]])
+    expect = torch.tensor([[math.exp(1 / 0.07), math.exp(0.0) + math.exp(2 ** -0.5 / 0.07)]])
+    args = ap.parse_args([])
+    for votes in (ap.knn_classify(q, bank, labels, 2), ap.knn_classify(q, bank, labels, 2, args.knn_k, args.knn_t)):
+        torch.testing.assert_close(votes, expect, rtol=1e-4, atol=0)
 
 
 def test_knn_k1_is_nearest_neighbour_and_bank_order_is_irrelevant():

@@ -37,13 +37,14 @@ SEMANTICMIM_PAPER = dict(
     proxies=8, mask_ratio=0.6, target="hog", loss="mse",  # §4.1, Fig. 5; MaskFeat's loss
     hog_bins=9, hog_cell=8, hog_window=0)  # MaskFeat / SlowFast default
 PROBES = dict(  # abmilp_probe.PROTOCOLS
-    mae=dict(pool="abmilp", block=None, head_bn=True, optimizer="lars", lr=0.1, ref_batch=256, batch_size=16384,
+    mae=dict(pool="abmilp", block=None, head_norm="bn", optimizer="lars", lr=0.1, ref_batch=256, batch_size=16384,
              epochs=90, warmup_epochs=10, weight_decay=0.0, img_size=224),  # Beyond [cls] §5 (MAE's probe)
-    kamim=dict(pool="avg", block=8, head_bn=False, optimizer="adamw", lr=5e-3, ref_batch=2048, batch_size=2048,
-               epochs=100, warmup_epochs=10, weight_decay=0.05, img_size=192, mix=True),  # KAMIM App. A
-    semanticmim=dict(pool="cls", block=7, head_bn=True, optimizer="adamw", lr=4e-3, ref_batch=1024, batch_size=1024,
-                     epochs=100, warmup_epochs=0, weight_decay=1e-4, img_size=224),  # SemanticMIM §4.1 (BEiT's)
-    semanticmim_code=dict(pool="avg", block=None, head_bn=True, optimizer="adamw", lr=4e-3, ref_batch=1024,
+    kamim=dict(pool="avg", block=8, head_norm="none", optimizer="adamw", lr=5e-3, ref_batch=2048, batch_size=2048,
+               epochs=100, warmup_epochs=10, weight_decay=0.05, img_size=192, mix=True,  # KAMIM App. A
+               clip_grad=1.0, lr_curve="timm", warmup_lr=2.5e-6, min_lr=2.5e-6),  # its code (issue 27 item 6)
+    semanticmim=dict(pool="cls", block=7, head_norm="ln", optimizer="adamw", lr=4e-3, ref_batch=1024, batch_size=1024,
+                     epochs=100, warmup_epochs=0, weight_decay=1e-4, img_size=224),  # SemanticMIM §4.1 (BEiT's); ln: code
+    semanticmim_code=dict(pool="avg", block=None, head_norm="ln", optimizer="adamw", lr=4e-3, ref_batch=1024,
                           batch_size=1024, epochs=100, warmup_epochs=0, weight_decay=1e-4, img_size=224))  # released
 
 

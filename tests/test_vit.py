@@ -164,6 +164,18 @@ def test_checkpoint_errors(tmp_path):
         vit.load_encoder(small(), str(tmp_path / "nope.pt"))
 
 
+def test_pos_embed_resize_non_square_keeps_rows_and_columns():
+    # a 4 x 4 table whose channel 0 is the row and channel 1 the column, to a 3 x 5 grid: rows stay rows
+    r, c = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    pos = torch.stack([r, c, r * c], -1).reshape(1, 16, 3)  # (1, N, D), row-major as the patch grid
+    got = vit.resize_pos_embed(pos, (3, 5)).reshape(3, 5, 3)  # (gh, gw, D)
+    assert torch.allclose(got[..., 0], got[:, :1, 0].expand(3, 5)) and torch.allclose(got[..., 1], got[:1, :, 1].expand(3, 5))
+    assert (got[1:, 0, 0] > got[:-1, 0, 0]).all() and (got[0, 1:, 1] > got[0, :-1, 1]).all()  # increasing down / across
+    from torchvision.transforms.v2 import functional as TF
+    ref = TF.resize(pos.reshape(4, 4, 3).permute(2, 0, 1), [3, 5], TF.InterpolationMode.BICUBIC, antialias=False)
+    torch.testing.assert_close(got, ref.permute(1, 2, 0))  # torchvision's bicubic image resize, (D, H, W) layout
+
+
 def test_pos_embed_resize():
     pos = vit.sincos_pos_embed(16, 14, 14)[None]
     assert torch.equal(vit.resize_pos_embed(pos, (14, 14)), pos)  # identity at the same size

@@ -1,10 +1,11 @@
-"""LUT: Learning with Unmasked Tokens Drives Stronger Vision Learners (Kim et al., ECCV 2024), on top of
-MAE (He et al., CVPR 2022), its baseline. `--alpha 0` is plain MAE.
+"""LUT: Learning with Unmasked Tokens Drives Stronger Vision Learners (Kim et al., ECCV 2024), on
+top of MAE (He et al., CVPR 2022), its baseline. `--alpha 0` is plain MAE.
 
-MAE (eq. 1): mask 75 % of the patches, encode the visible ones only, decode with mask tokens, regress the
-masked patches' pixels. LUT (eq. 2-3) adds the broader-context loss L_BC: the mean of the online encoder's
-visible tokens, through a projector and a predictor, must match (cosine) the projected mean of all tokens
-of a momentum (EMA) copy that sees a second, unmasked, differently augmented view.
+MAE (eq. 1): mask 75 % of the patches, encode the visible ones only, decode with mask tokens,
+regress the masked patches' pixels. LUT (eq. 2-3) adds the broader-context loss L_BC: the mean of
+the online encoder's visible tokens, through a projector and a predictor, must match (cosine) the
+projected mean of all tokens of a momentum (EMA) copy that sees a second, unmasked, differently
+augmented view.
 
     torchrun --nproc_per_node=8 lut.py --model vit_b --data /imagenet   # the paper's ViT-B/16 run
     python lut.py                                                        # CPU demo, a few minutes
@@ -28,12 +29,12 @@ import run
 import vit
 
 REF_BATCH = 256  # MAE's convention, which §5.1 follows: lr = base lr x batch / 256
-# the paper's run (§5.1) and the CPU demo (no --data): a small batch for 768 steps, whose features beat a
-# random encoder on kNN (batch 64's 144 steps did not)
-PAPER = dict(model="vit_b", img_size=224, batch_size=4096, epochs=1600, warmup_epochs=40, decoder_dim=512,
-             decoder_depth=8, decoder_heads=16, workers=8, lr=1.5e-4)
-DEMO = dict(model="vit_demo", img_size=64, batch_size=16, epochs=8, warmup_epochs=1, decoder_dim=128,
-            decoder_depth=2, decoder_heads=4, workers=1, lr=1.6e-2)
+# the paper's run (§5.1) and the CPU demo (no --data): a small batch for 768 steps, whose features
+# beat a random encoder on kNN (batch 64's 144 steps did not)
+PAPER = dict(model="vit_b", img_size=224, batch_size=4096, epochs=1600, warmup_epochs=40,
+             decoder_dim=512, decoder_depth=8, decoder_heads=16, workers=8, lr=1.5e-4)
+DEMO = dict(model="vit_demo", img_size=64, batch_size=16, epochs=8, warmup_epochs=1,
+            decoder_dim=128, decoder_depth=2, decoder_heads=4, workers=1, lr=1.6e-2)
 
 
 # ---- paper pieces ----
@@ -54,9 +55,12 @@ def unpatchify(x, p, grid, C=3):
 
 def mae_loss(pred, target, mask, norm_pix=True):
     # eq. 1: squared error on the masked patches only (mask: 1 = removed, 0 = kept), (B, N, P) in.
-    # Mean over each patch's P values, then over masked patches (the released code's scale, not the sum).
-    if norm_pix:  # MAE's norm_pix_loss: each target patch to zero mean, unit (unbiased) variance (mae#12)
-        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    # Mean over each patch's P values, then over masked patches (the released code's scale, not the
+    # sum).
+    # MAE's norm_pix_loss: each target patch to zero mean, unit (unbiased) variance (mae#12)
+    if norm_pix:
+        target = ((target - target.mean(-1, keepdim=True))
+                  / (target.var(-1, keepdim=True) + 1e-6) ** 0.5)
     per_patch = (pred.float() - target.float()).pow(2).mean(-1)  # (B, N)
     return (per_patch * mask).sum() / mask.sum()
 
@@ -66,137 +70,163 @@ def random_masking(B, N, ratio, device=None):
     Returns ids_keep (B, N_keep), ids_restore (B, N) and mask (B, N) with 1 = removed, 0 = kept,
     in the original patch order."""
     n_keep = N - int(ratio * N)
-    ids_shuffle = torch.rand(B, N, device=device).argsort(dim=1)  # ascending: the first n_keep are kept
+    # ascending: the first n_keep are kept
+    ids_shuffle = torch.rand(B, N, device=device).argsort(dim=1)
     ids_restore = ids_shuffle.argsort(dim=1)
     mask = (ids_restore >= n_keep).to(torch.float32)
     return ids_shuffle[:, :n_keep], ids_restore, mask
 
 
 def restore_order(kept, mask_token, ids_restore):
-    """MAE's decoder input: kept tokens (B, N_keep, D) plus N - N_keep copies of the shared mask token, put
-    back in the original patch order by ids_restore (B, N). Returns (B, N, D)."""
+    """MAE's decoder input: kept tokens (B, N_keep, D) plus N - N_keep copies of the shared mask
+    token, put back in the original patch order by ids_restore (B, N). Returns (B, N, D)."""
     B, N = ids_restore.shape
-    x = torch.cat([kept, mask_token.expand(B, N - kept.shape[1], -1)], dim=1)  # (B, N, D), shuffled order
+    # (B, N, D), shuffled order
+    x = torch.cat([kept, mask_token.expand(B, N - kept.shape[1], -1)], dim=1)
     return torch.gather(x, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def broader_context_loss(u, v):
-    # eq. 3: L_BC = ||u_bar - v_bar||^2 with l2-normalised (B, D) vectors, = 2 - 2 cos; batch mean (Table 4d)
+    # eq. 3: L_BC = ||u_bar - v_bar||^2 with l2-normalised (B, D) vectors, = 2 - 2 cos; batch mean
+    # (Table 4d)
     u, v = F.normalize(u.float(), dim=-1), F.normalize(v.float(), dim=-1)
     return (u - v).pow(2).sum(-1).mean()
 
 
 def mlp_head(dim, hidden=4096):
-    """§5.1 (released code): Linear(no bias) -> BatchNorm -> ReLU -> Linear(no bias), nothing after it."""
-    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, dim, bias=False))
+    """§5.1 (released code): Linear(no bias) -> BatchNorm -> ReLU -> Linear(no bias), nothing after
+    it."""
+    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden),
+                         nn.ReLU(inplace=True), nn.Linear(hidden, dim, bias=False))
 
 
 def ema_update(teacher, student, m):
-    """Momentum encoder (§3): teacher <- m * teacher + (1 - m) * student, parameters and BatchNorm running
-    statistics alike; other buffers (fixed position embedding, BN's step counter) are copied."""
-    with torch.no_grad():  # lerp: t + (1 - m)(s - t); one multi-tensor kernel, not ~2 launches per tensor on GPU
-        torch._foreach_lerp_(list(teacher.parameters()), [s.detach() for s in student.parameters()], 1 - m)
+    """Momentum encoder (§3): teacher <- m * teacher + (1 - m) * student, parameters and BatchNorm
+    running statistics alike; other buffers (fixed position embedding, BN's step counter) are
+    copied."""
+    # lerp: t + (1 - m)(s - t); one multi-tensor kernel, not ~2 launches per tensor on GPU
+    with torch.no_grad():
+        torch._foreach_lerp_(list(teacher.parameters()),
+                             [s.detach() for s in student.parameters()], 1 - m)
         for (name, t), s in zip(teacher.named_buffers(), student.buffers()):
             t.mul_(m).add_(s, alpha=1 - m) if "running_" in name else t.copy_(s)
 
 
 def ema_momentum(step, total, base=0.996, cosine=True):
     """§5.1's momentum 0.996, as the released code schedules it per optimiser step (BYOL):
-    1 - (1 - tau)(1 + cos(pi t / T)) / 2, from tau to 1 over the run. cosine=False keeps tau fixed."""
+    1 - (1 - tau)(1 + cos(pi t / T)) / 2, from tau to 1 over the run. cosine=False keeps tau
+    fixed."""
     return 1 - (1 - base) * (1 + math.cos(math.pi * step / total)) / 2 if cosine else base
 
 
 # ---- the model ----
 
 class LUT(nn.Module):
-    """MAE (encoder on visible patches + 8-block decoder) with, for alpha > 0, LUT's projector, predictor
-    and EMA teacher. forward(img, context) -> (loss, {"mim", "bc"}). The ViT is `self.encoder`."""
+    """MAE (encoder on visible patches + 8-block decoder) with, for alpha > 0, LUT's projector,
+    predictor and EMA teacher. forward(img, context) -> (loss, {"mim", "bc"}). The ViT is
+    `self.encoder`."""
     def __init__(self, encoder, decoder_dim=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.75,
                  norm_pix=True, alpha=0.25, head_hidden=4096, two_view=False):
         super().__init__()
-        self.encoder, self.mask_ratio, self.norm_pix, self.alpha, self.two_view = encoder, mask_ratio, norm_pix, alpha, two_view
+        self.encoder, self.mask_ratio, self.norm_pix, self.alpha, self.two_view = (
+            encoder, mask_ratio, norm_pix, alpha, two_view)
         D, p, C = encoder.dim, encoder.patch_size, encoder.in_chans
-        # MAE decoder (parameter names as in MAE's models_mae.py): own width, shared mask token, fixed sin-cos position
+        # MAE decoder (parameter names as in MAE's models_mae.py): own width, shared mask token,
+        # fixed sin-cos position
         self.decoder_embed = nn.Linear(D, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.register_buffer("decoder_pos_embed", vit.sincos_pos_embed(decoder_dim, *encoder.grid)[None])
-        self.decoder_blocks = nn.ModuleList(vit.Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
+        self.register_buffer("decoder_pos_embed",
+                             vit.sincos_pos_embed(decoder_dim, *encoder.grid)[None])
+        self.decoder_blocks = nn.ModuleList(vit.Block(decoder_dim, decoder_heads)
+                                            for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, p * p * C)
-        if alpha > 0:  # §3, §5.1: online projector + predictor; the teacher copies encoder + projector (no predictor)
+        # §3, §5.1: online projector + predictor; the teacher copies encoder + projector (no
+        # predictor)
+        if alpha > 0:
             self.projector, self.predictor = mlp_head(D, head_hidden), mlp_head(D, head_hidden)
         for m in [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
             m.apply(vit.init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
         if alpha > 0:  # initialised equal to the student, never trained by gradient
-            self.teacher = copy.deepcopy(nn.ModuleDict(dict(encoder=self.encoder, projector=self.projector)))
+            self.teacher = copy.deepcopy(nn.ModuleDict(dict(encoder=self.encoder,
+                                                            projector=self.projector)))
             self.teacher.requires_grad_(False)
 
     def train(self, mode=True):
         super().train(mode)
         if self.alpha > 0:
-            self.teacher.eval()  # the teacher is in eval mode for the whole run: its BN uses running statistics
+            # the teacher is in eval mode for the whole run: its BN uses running statistics
+            self.teacher.eval()
         return self
 
     def update_teacher(self, m):
         """After each optimiser step (dino#102: once per step, not per micro-batch)."""
-        ema_update(self.teacher, nn.ModuleDict(dict(encoder=self.encoder, projector=self.projector)), m)
+        ema_update(self.teacher,
+                   nn.ModuleDict(dict(encoder=self.encoder, projector=self.projector)), m)
 
     def forward_encoder(self, img, ids_keep):
-        """MAE: embed all patches, add position, keep ids_keep (B, N_keep), prepend [cls], blocks, final LN.
-        The encoder never sees a mask token. Returns (B, P + N_keep, D)."""
+        """MAE: embed all patches, add position, keep ids_keep (B, N_keep), prepend [cls], blocks,
+        final LN. The encoder never sees a mask token. Returns (B, P + N_keep, D)."""
         enc = self.encoder
         x = enc.embed(img) + enc.pos_embed  # (B, N, D)
         x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, N_keep, D)
         return enc.norm(enc.run_blocks(enc.prefix(x)))
 
     def forward_decoder(self, tokens, ids_restore):
-        """(B, P + N_keep, D) encoder tokens -> (B, N, p * p * C) predicted pixels for every patch."""
+        """(B, P + N_keep, D) encoder tokens -> (B, N, p * p * C) predicted pixels for every
+        patch."""
         P = self.encoder.num_prefix
         x = self.decoder_embed(tokens)  # (B, P + N_keep, Dd)
-        x = torch.cat([x[:, :P], restore_order(x[:, P:], self.mask_token, ids_restore) + self.decoder_pos_embed], 1)
+        patches = restore_order(x[:, P:], self.mask_token, ids_restore)
+        x = torch.cat([x[:, :P], patches + self.decoder_pos_embed], 1)
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, P:]
 
     def reconstruct(self, img):
-        """MAE's forward: returns (pred (B, N, P), mask (B, N) with 1 = removed, tokens, ids_shuffle)."""
+        """MAE's forward: returns (pred (B, N, P), mask (B, N) with 1 = removed, tokens,
+        ids_shuffle)."""
         N = self.encoder.grid[0] * self.encoder.grid[1]
         ids_keep, ids_restore, mask = random_masking(img.shape[0], N, self.mask_ratio, img.device)
         tokens = self.forward_encoder(img, ids_keep)
         return self.forward_decoder(tokens, ids_restore), mask, tokens, ids_restore.argsort(dim=1)
 
     def online(self, tokens):
-        """eq. 3, online side: mean of the visible PATCH tokens after the final LN ([cls] excluded, Table 4b),
-        projector, predictor. (B, P + N_keep, D) -> (B, D)."""
+        """eq. 3, online side: mean of the visible PATCH tokens after the final LN ([cls] excluded,
+        Table 4b), projector, predictor. (B, P + N_keep, D) -> (B, D)."""
         return self.predictor(self.projector(tokens[:, self.encoder.num_prefix:].mean(1)))
 
     @torch.no_grad()
     def target(self, view):
-        """eq. 3, target side: the EMA encoder on the WHOLE view (no mask, Table 4e), mean of its N patch
-        tokens, EMA projector; no predictor, no gradient. (B, C, H, W) -> (B, D)."""
-        return self.teacher.projector(self.teacher.encoder(view)[:, self.encoder.num_prefix:].mean(1))
+        """eq. 3, target side: the EMA encoder on the WHOLE view (no mask, Table 4e), mean of its N
+        patch tokens, EMA projector; no predictor, no gradient. (B, C, H, W) -> (B, D)."""
+        return self.teacher.projector(
+            self.teacher.encoder(view)[:, self.encoder.num_prefix:].mean(1))
 
     def forward(self, img, context=None):
-        """img: the reconstruction view; context: the second view, the teacher's input (LUT only)."""
+        """img: the reconstruction view; context: the second view, the teacher's input (LUT
+        only)."""
         pred, mask, tokens, ids_shuffle = self.reconstruct(img)
         loss = mae_loss(pred, patchify(img, self.encoder.patch_size), mask, self.norm_pix)  # eq. 1
         if self.alpha == 0:
             return loss, dict(mim=loss.detach())
         if not self.two_view:  # eq. 2-3: the masked view's visible tokens vs the full context view
             bc = broader_context_loss(self.online(tokens), self.target(context))
-        else:  # released code: the context view is masked too, keeping the NEXT N_keep of view 1's random order
-            n_keep = tokens.shape[1] - self.encoder.num_prefix  # (disjoint keep sets); each view's BN pass separate
+        else:
+            # released code: the context view is masked too, keeping the NEXT N_keep of view 1's
+            # random order (disjoint keep sets); each view's BN pass separate
+            n_keep = tokens.shape[1] - self.encoder.num_prefix
             tokens2 = self.forward_encoder(context, ids_shuffle[:, n_keep:2 * n_keep])
+            # cross-view, averaged
             bc = (broader_context_loss(self.online(tokens), self.target(context))
-                  + broader_context_loss(self.online(tokens2), self.target(img))) / 2  # cross-view, averaged
+                  + broader_context_loss(self.online(tokens2), self.target(img))) / 2
         return loss + self.alpha * bc, dict(mim=loss.detach(), bc=bc.detach())
 
 
 def train_flops(model):
-    """Analytic training FLOPs per image: 3x the student's forward (forward + backward) + 1x the no-grad
-    teacher's forward. Heads: 2 linears of D x hidden each."""
+    """Analytic training FLOPs per image: 3x the student's forward (forward + backward) + 1x the
+    no-grad teacher's forward. Heads: 2 linears of D x hidden each."""
     enc = model.encoder
     N, P, Dd = enc.grid[0] * enc.grid[1], enc.num_prefix, model.decoder_embed.out_features
     keep = N - int(model.mask_ratio * N)
@@ -207,30 +237,38 @@ def train_flops(model):
         return 3 * (student + decoder)
     head = 2 * 2 * enc.dim * model.projector[0].out_features
     views = 2 if model.two_view else 1
-    return 3 * (views * (student + 2 * head) + decoder) + views * (vit.vit_forward_flops(enc) + head)
+    return (3 * (views * (student + 2 * head) + decoder)
+            + views * (vit.vit_forward_flops(enc) + head))
 
 
-# ---- data hook: SRC (Table 4f, from DeiT III) for LUT, MAE's random resized crop for --alpha 0 ----
+# ---- data hook: SRC (Table 4f, from DeiT III) for LUT,
+# MAE's random resized crop for --alpha 0 ----
 
 def mae_crop(img_size=224):
-    """MAE pretraining: random resized crop scale (0.2, 1), bicubic, horizontal flip. Returns PIL."""
-    return T.Compose([T.RandomResizedCrop(data.image_size(img_size), scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+    """MAE pretraining: random resized crop scale (0.2, 1), bicubic, horizontal flip. Returns
+    PIL."""
+    return T.Compose([T.RandomResizedCrop(data.image_size(img_size), scale=(0.2, 1.0),
+                                          interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip()])
 
 
 def src_resize(img, img_size=224):
-    """LUT's SRC (Table 4f, from DeiT III), part 1: shorter side to img_size (bicubic; the longer side of a
-    non-square size). Deterministic: done once per image, however many views src_crop then takes. PIL -> PIL."""
-    return T.functional.resize(img, max(data.image_size(img_size)), interpolation=T.InterpolationMode.BICUBIC)
+    """LUT's SRC (Table 4f, from DeiT III), part 1: shorter side to img_size (bicubic; the longer
+    side of a non-square size). Deterministic: done once per image, however many views src_crop then
+    takes. PIL -> PIL."""
+    return T.functional.resize(img, max(data.image_size(img_size)),
+                               interpolation=T.InterpolationMode.BICUBIC)
 
 
 def src_crop(img, img_size=224, padding=4):
-    """SRC, part 2: random crop with `padding` px reflect padding, then horizontal flip. PIL -> uint8 (C, H, W).
-    The same random draws and pixels as RandomCrop(padding, reflect) + RandomHorizontalFlip, without padding the
-    whole image: the window is taken at an offset of -padding .. +padding and only its out-of-image strip is
-    reflected (a pad of the crop's own edge reflects the image's edge rows: the crop is wider than `padding`)."""
+    """SRC, part 2: random crop with `padding` px reflect padding, then horizontal flip. PIL
+    -> uint8 (C, H, W). The same random draws and pixels as RandomCrop(padding, reflect) +
+    RandomHorizontalFlip, without padding the whole image: the window is taken at an offset of
+    -padding .. +padding and only its out-of-image strip is reflected (a pad of the crop's own edge
+    reflects the image's edge rows: the crop is wider than `padding`)."""
     (th, tw), (w, h) = data.image_size(img_size), img.size
-    i = int(torch.randint(0, h + 2 * padding - th + 1, (1,))) - padding  # RandomCrop.get_params on the padded size
+    # RandomCrop.get_params on the padded size
+    i = int(torch.randint(0, h + 2 * padding - th + 1, (1,))) - padding
     j = int(torch.randint(0, w + 2 * padding - tw + 1, (1,))) - padding
     a = np.asarray(img.crop((max(j, 0), max(i, 0), min(j + tw, w), min(i + th, h))))
     pad = ((max(-i, 0), max(i + th - h, 0)), (max(-j, 0), max(j + tw - w, 0)))
@@ -242,31 +280,36 @@ def src_crop(img, img_size=224, padding=4):
 
 
 def src_spec(jpeg, img_size, padding=4):
-    """src_resize + src_crop's draws on a Jpeg's size: the crop_spec row (the window may reach `padding` px outside)."""
+    """src_resize + src_crop's draws on a Jpeg's size: the crop_spec row (the window may reach
+    `padding` px outside)."""
     (w, h), (th, tw) = jpeg.size, data.image_size(img_size)
     s = max(th, tw)
-    rh, rw = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)  # torchvision's Resize(int): shorter side to s
+    # torchvision's Resize(int): shorter side to s
+    rh, rw = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
     i = int(torch.randint(0, rh + 2 * padding - th + 1, (1,))) - padding
     j = int(torch.randint(0, rw + 2 * padding - tw + 1, (1,))) - padding
     return [rh, rw, i, j, th, tw, th, tw, int(torch.rand(1) < 0.5)]
 
 
 class Views:
-    """PIL -> (reconstruction view,) or, for LUT, (reconstruction view, context view), each an independent
-    crop, uint8. LUT (Table 4f): simple resized crop (SRC), the image resized once and cropped per view; the
-    context view (always RGB) gets its colour jitter + three-augment on the device (data.three_augment), and
-    the step normalises both. MAE (--alpha 0) uses its own random resized crop (0.2, 1) by default (Table 4f:
-    SRC costs MAE 0.3 ft)."""
+    """PIL -> (reconstruction view,) or, for LUT, (reconstruction view, context view), each an
+    independent crop, uint8. LUT (Table 4f): simple resized crop (SRC), the image resized once and
+    cropped per view; the context view (always RGB) gets its colour jitter + three-augment on the
+    device (data.three_augment), and the step normalises both. MAE (--alpha 0) uses its own random
+    resized crop (0.2, 1) by default (Table 4f: SRC costs MAE 0.3 ft)."""
     def __init__(self, img_size, crop="src", two=True, in_chans=3):
-        self.size, self.src, self.two, self.gray = data.image_size(img_size), crop == "src", two, in_chans == 1
+        self.size, self.src, self.two, self.gray = (
+            data.image_size(img_size), crop == "src", two, in_chans == 1)
         self.rrc = mae_crop(img_size)  # MAE: RRC (0.2, 1)
 
     def crop(self, img):
         return src_crop(img, self.size) if self.src else T.functional.pil_to_tensor(self.rrc(img))
 
     def __call__(self, img):
-        if isinstance(img, data.Jpeg):  # --decode device: the same draws; data.decode_views crops on the device
-            img.views = [src_spec(img, self.size) if self.src else data.rrc_spec(img, self.size, (0.2, 1.0))
+        # --decode device: the same draws; data.decode_views crops on the device
+        if isinstance(img, data.Jpeg):
+            img.views = [src_spec(img, self.size) if self.src
+                         else data.rrc_spec(img, self.size, (0.2, 1.0))
                          for _ in range(1 + self.two)]
             return img
         img = src_resize(img, self.size) if self.src else img  # SRC's resize: once for both views
@@ -276,10 +319,12 @@ class Views:
 
 @torch.no_grad()
 def save_figure(model, img, path, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD, seed=0):
-    """Rows: input, masked input, prediction, the visible patches with the prediction in the masked ones. With norm-pix
-    targets the prediction is un-normalised with the input patch's own mean / std, for display only."""
+    """Rows: input, masked input, prediction, the visible patches with the prediction in the masked
+    ones. With norm-pix targets the prediction is un-normalised with the input patch's own
+    mean / std, for display only."""
     p, grid = model.encoder.patch_size, model.encoder.grid
-    with torch.random.fork_rng(devices=[img.device] if img.is_cuda else []):  # fixed masks; training RNG untouched
+    # fixed masks; training RNG untouched
+    with torch.random.fork_rng(devices=[img.device] if img.is_cuda else []):
         torch.manual_seed(seed)
         pred, mask, _, _ = model.reconstruct(img)
     pred, target = pred.float(), patchify(img, p)
@@ -294,8 +339,8 @@ def save_figure(model, img, path, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD
 # ---- training ----
 
 def scaled_lr(base, batch, rule="linear"):
-    """§5.1 follows MAE: base x batch / 256 (2.4e-3 at 4096). The released code: base x sqrt(batch) / 4,
-    the same at 4096 only (4x larger at 256)."""
+    """§5.1 follows MAE: base x batch / 256 (2.4e-3 at 4096). The released code: base x
+    sqrt(batch) / 4, the same at 4096 only (4x larger at 256)."""
     return base * batch / REF_BATCH if rule == "linear" else base * batch ** 0.5 / 4
 
 
@@ -306,47 +351,60 @@ def train(args):
     encoder = vit.vit(args.model, img_size=args.img_size, in_chans=args.in_chans)
     model = LUT(encoder, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.mask_ratio,
                 args.norm_pix_loss, args.alpha, args.head_hidden, args.two_view).to(device)
-    groups = vit.param_groups(model, args.weight_decay, decay_tokens=True, layer_decay=args.layer_decay)
+    groups = vit.param_groups(model, args.weight_decay, decay_tokens=True,
+                              layer_decay=args.layer_decay)
     opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(args.betas), fused=device.type == "cuda")
     transform = Views(args.img_size, args.crop, args.alpha > 0, args.in_chans)
-    ds = data.Seeded(data.dataset(args.data, "train", encoded=args.decode == "device"), transform, args.seed)
+    encoded = args.decode == "device"
+    ds = data.Seeded(data.dataset(args.data, "train", encoded=encoded), transform, args.seed)
     dl = data.loader(ds, micro, train=True, workers=args.workers, seed=args.seed)
-    probe, held = online_probe.online_probe(args, encoder, ds.base, device)  # (None, None) without labels
+    # (None, None) without labels
+    probe, held = online_probe.online_probe(args, encoder, ds.base, device)
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
     step = run.resume(args.out, model, opt, probe, args, total, ds)  # teacher and heads included
     if rank == 0:
-        rule = f"{args.batch_size}/{REF_BATCH}" if args.lr_scaling == "linear" else f"sqrt({args.batch_size})/4"
-        run.banner(args, device, world, micro, accum, f"{lr:.3g} (= {args.lr:g} x {rule}; the paper: 2.4e-3 "
-                   "at 4096)", per_epoch, total, step)
-    if accum > 1 and args.alpha > 0 and rank == 0:  # BN statistics per micro-batch: not one big batch
-        print(f"warning: {accum} accumulation steps: the heads' BatchNorm normalises each micro-batch of "
-              f"{micro} alone, so this is not one batch of --batch-size (raise --micro-batch or use more GPUs)")
-    if world > 1 and device.type == "cuda":  # §5.1: SyncBN in the heads (gloo has none: per-process BN)
+        rule = (f"{args.batch_size}/{REF_BATCH}" if args.lr_scaling == "linear"
+                else f"sqrt({args.batch_size})/4")
+        run.banner(args, device, world, micro, accum,
+                   f"{lr:.3g} (= {args.lr:g} x {rule}; the paper: 2.4e-3 at 4096)",
+                   per_epoch, total, step)
+    # BN statistics per micro-batch: not one big batch
+    if accum > 1 and args.alpha > 0 and rank == 0:
+        print(f"warning: {accum} accumulation steps: the heads' BatchNorm normalises each "
+              f"micro-batch of {micro} alone, so this is not one batch of --batch-size (raise "
+              "--micro-batch or use more GPUs)")
+    # §5.1: SyncBN in the heads (gloo has none: per-process BN)
+    if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = run.distribute(model, device, args.compile)
     flops, autocast = train_flops(model), run.autocast(device)
     sums, n_log, done, last, t0 = {}, 0, 0, None, time.time()
     t_run = t0
     model.train()
-    for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, step, device):  # prefetched
+    # prefetched
+    for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, step, device):
         lr_now = run.cosine(step, total, warmup, lr)
         for g in opt.param_groups:
             g["lr"] = lr_now * g["lr_scale"]
         for i, (views, y) in enumerate(micro_batches):  # uint8
-            if isinstance(views, data.JpegBatch):  # --decode device (an undecodable image: left out, counted)
+            # --decode device (an undecodable image: left out, counted)
+            if isinstance(views, data.JpegBatch):
                 views, keep = data.decode_views(views, device, ds)
                 y = y[keep]
                 views[0] = data.gray(views[0]) if args.in_chans == 1 else views[0]
-            torch.manual_seed(hash((args.seed, step, rank, i)))  # masks, context augmentation: a pure
-            if len(views) == 2:  # function of the step; LUT's context view: jitter + three-augment
+            # masks, context augmentation: a pure function of the step; LUT's context view:
+            # jitter + three-augment
+            torch.manual_seed(hash((args.seed, step, rank, i)))
+            if len(views) == 2:
                 views[1] = data.three_augment(views[1])
                 views[1] = data.gray(views[1]) if args.in_chans == 1 else views[1]
             views = [data.normalize_batch(t, args.mean, args.std) for t in views]
             with run.no_sync(net, i < accum - 1), autocast:
                 loss, terms = net(*views)
                 (loss / accum).backward()
-            if probe:  # the student on the whole reconstruction view (the teacher sees the context view)
+            # the student on the whole reconstruction view (the teacher sees the context view)
+            if probe:
                 probe.step(model.encoder, views[0], y.to(device))
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v / accum
@@ -361,24 +419,30 @@ def train(args):
         epoch_end, stop = step % per_epoch == 0, step == total or done == args.max_steps
         if step % args.log_every == 0 or epoch_end or stop:
             vals = run.mean_terms(sums, n_log)  # one sync per log line
-            run.check_finite(sum(vals.values()), step, args.out)  # any term nan / inf makes the sum so
+            # any term nan / inf makes the sum so
+            run.check_finite(sum(vals.values()), step, args.out)
             dt = time.time() - t0
             if rank == 0:
                 loss = vals["mim"] + args.alpha * vals.get("bc", 0.0)  # eq. 2
-                run.report(dict(epoch=epoch, step=step, loss=loss, **vals, **online_probe.train_top1(probe),
-                                lr=lr_now, **({"ema": momentum} if args.alpha > 0 else {}),
+                run.report(dict(epoch=epoch, step=step, loss=loss, **vals,
+                                **online_probe.train_top1(probe), lr=lr_now,
+                                **({"ema": momentum} if args.alpha > 0 else {}),
                                 **run.throughput(n_log * args.batch_size, dt, flops, device),
-                                eta=run.eta(total - step, dt / n_log), **data.skipped(ds)), args.out)
+                                eta=run.eta(total - step, dt / n_log), **data.skipped(ds)),
+                           args.out)
             sums, n_log, t0 = {}, 0, time.time()
         if step % args.save_every == 0 or epoch_end or stop:
-            run.check_finite(sum(sums.values()), step, args.out, model, opt)  # never save a bad state
+            # never save a bad state
+            run.check_finite(sum(sums.values()), step, args.out, model, opt)
             data.share_skips(ds)  # every process's unreadable files, on every rank (a collective)
             if rank == 0:
-                run.save_run(args.out, model, opt, step, args, ds, encoder=model.encoder.state_dict(),
+                run.save_run(args.out, model, opt, step, args, ds,
+                             encoder=model.encoder.state_dict(),
                              probe=probe and probe.state_dict())
         if epoch_end and rank == 0:
             online_probe.report_held_out(probe, model.encoder, held, epoch, step, args.out)
-            save_figure(model, last[:8], os.path.join(args.out, f"epoch{epoch:03d}.png"), args.mean, args.std)
+            save_figure(model, last[:8], os.path.join(args.out, f"epoch{epoch:03d}.png"),
+                        args.mean, args.std)
         if done == args.max_steps:
             break
     if rank == 0:
@@ -390,55 +454,71 @@ def train(args):
 def parse_args(argv=None):
     p = run.parser(__doc__)
     a = p.add_argument
-    a("--data", default=None, help="ImageNet folder (PATH/train/...) or a folder of images; absent = the built-in demo "
-      "(DemoShapes) with vit_demo at 64 px (patch 8), a 128-wide 2-block decoder, batch 16, 8 epochs (1 warmup), 1 worker, demo lr 1.6e-2")
-    a("--model", default=None, choices=list(vit.CONFIGS), help="encoder; §5.1: vit_s / vit_b / vit_l (default vit_b)")
-    a("--img-size", type=data.image_size, default=None, help="§5.1: 224; HxW (e.g. 224x320) for a non-square input")
+    a("--data", default=None, help="ImageNet folder (PATH/train/...) or a folder of images; "
+      "absent = the built-in demo (DemoShapes) with vit_demo at 64 px (patch 8), a 128-wide "
+      "2-block decoder, batch 16, 8 epochs (1 warmup), 1 worker, demo lr 1.6e-2")
+    a("--model", default=None, choices=list(vit.CONFIGS), help="encoder; §5.1: vit_s / vit_b / "
+      "vit_l (default vit_b)")
+    a("--img-size", type=data.image_size, default=None, help="§5.1: 224; HxW (e.g. 224x320) for a "
+      "non-square input")
     a("--batch-size", type=int, default=None, help="GLOBAL batch, §5.1: 4096")
-    a("--lr", type=float, default=None, help="base lr per 256 images, §5.1: 1.5e-4 (2.4e-3 at batch 4096); demo 1.6e-2 "
-      "(1e-3 at its batch 16, so the CPU demo visibly learns)")
-    a("--lr-scaling", default="linear", choices=["linear", "sqrt"], help="lr = base x batch/256 (MAE, the paper's "
-      "protocol); released code: sqrt, base x sqrt(batch) / 4: equal at 4096 only, 4x larger at 256")
+    a("--lr", type=float, default=None, help="base lr per 256 images, §5.1: 1.5e-4 (2.4e-3 at "
+      "batch 4096); demo 1.6e-2 (1e-3 at its batch 16, so the CPU demo visibly learns)")
+    a("--lr-scaling", default="linear", choices=["linear", "sqrt"], help="lr = base x batch/256 "
+      "(MAE, the paper's protocol); released code: sqrt, base x sqrt(batch) / 4: equal at 4096 "
+      "only, 4x larger at 256")
     a("--epochs", type=int, default=None, help="§5.1: 1600 (ablations, Table 4: 400)")
-    a("--warmup-epochs", type=int, default=None, help="§5.1: 40, linear from 0, then half-cosine to 0 per step")
-    a("--weight-decay", type=float, default=0.05, help="AdamW, §5.1: 0.05, none on biases and 1-D parameters")
-    a("--betas", type=float, nargs=2, default=[0.9, 0.95], help="AdamW betas: released code and MAE pretraining 0.9 "
-      "0.95 (default; §5.1 cites MAE's protocol, then lists MAE's fine-tuning 0.9 0.999, LUT Table D: self-contradiction)")
-    a("--layer-decay", type=float, default=1.0, help="layer-wise lr decay: 1.0 = none, as MAE and the released code "
-      "pretrain (default); §5.1 literally: 0.65, MAE's fine-tuning value (Table D)")
-    a("--clip-grad", type=float, default=0.0, help="gradient-norm clip; 0 = none (MAE and the released code)")
+    a("--warmup-epochs", type=int, default=None, help="§5.1: 40, linear from 0, then half-cosine "
+      "to 0 per step")
+    a("--weight-decay", type=float, default=0.05, help="AdamW, §5.1: 0.05, none on biases and 1-D "
+      "parameters")
+    a("--betas", type=float, nargs=2, default=[0.9, 0.95], help="AdamW betas: released code and "
+      "MAE pretraining 0.9 0.95 (default; §5.1 cites MAE's protocol, then lists MAE's fine-tuning "
+      "0.9 0.999, LUT Table D: self-contradiction)")
+    a("--layer-decay", type=float, default=1.0, help="layer-wise lr decay: 1.0 = none, as MAE and "
+      "the released code pretrain (default); §5.1 literally: 0.65, MAE's fine-tuning value "
+      "(Table D)")
+    a("--clip-grad", type=float, default=0.0, help="gradient-norm clip; 0 = none (MAE and the "
+      "released code)")
     a("--mask-ratio", type=float, default=0.75, help="r in §2.1, |M| = floor(rN); §5.1: 0.75")
-    a("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True, help="eq. 1 target: each patch normalised "
-      "(MAE's norm_pix_loss; the released models used it)")
+    a("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True, help="eq. 1 target: "
+      "each patch normalised (MAE's norm_pix_loss; the released models used it)")
     a("--decoder-dim", type=int, default=None, help="MAE decoder width: 512 (demo 128)")
     a("--decoder-depth", type=int, default=None, help="§5.1: 8 blocks (demo 2)")
     a("--decoder-heads", type=int, default=None, help="MAE: 16 (demo 4)")
-    a("--alpha", type=float, default=None, help="eq. 3 weight of L_BC; §5.1, Table B: 0.25 for ViT-B (the default), "
-      "1.0 for ViT-S (the default with --model vit_s); 0 = plain MAE (no teacher, no heads)")
-    a("--ema-momentum", type=float, default=0.996, help="teacher momentum tau per optimiser step, §5.1: 0.996")
-    a("--ema-schedule", default="cosine", choices=["const", "cosine"], help="cosine: from tau to 1 over the run per "
-      "optimiser step (the released code; §5.1 gives only tau); const: tau at every step")
-    a("--head-hidden", type=int, default=4096, help="projector / predictor hidden width, §5.1: 4096")
-    a("--two-view", action="store_true", help="released code: the context view is masked too (the next 25%% of view 1's "
-      "random order, disjoint), both views through the student, cross-view L_BC averaged: 2.65x MAE's training FLOPs at "
-      "ViT-B against 1.6x for the paper's LUT")
-    a("--crop", default=None, choices=["src", "rrc"], help="Table 4f: src (simple resized crop) for LUT; default for "
-      "--alpha 0 is MAE's rrc (0.2, 1)")
-    a("--decode", default="worker", choices=["worker", "device"], help="JPEG decode: in the loader workers (PIL), or "
-      "batched on the training device (torchvision.io.decode_jpeg: nvJPEG on a GPU), the workers only reading files and "
-      "drawing crops")
-    a("--online-probe", action=argparse.BooleanOptionalAction, help="BN + linear probe on the detached encoder "
-      "(logs probe_top1; never changes pretraining); default on when the data has class folders and in the demo")
+    a("--alpha", type=float, default=None, help="eq. 3 weight of L_BC; §5.1, Table B: 0.25 for "
+      "ViT-B (the default), 1.0 for ViT-S (the default with --model vit_s); 0 = plain MAE (no "
+      "teacher, no heads)")
+    a("--ema-momentum", type=float, default=0.996, help="teacher momentum tau per optimiser step, "
+      "§5.1: 0.996")
+    a("--ema-schedule", default="cosine", choices=["const", "cosine"], help="cosine: from tau to 1 "
+      "over the run per optimiser step (the released code; §5.1 gives only tau); const: tau at "
+      "every step")
+    a("--head-hidden", type=int, default=4096, help="projector / predictor hidden width, §5.1: "
+      "4096")
+    a("--two-view", action="store_true", help="released code: the context view is masked too (the "
+      "next 25%% of view 1's random order, disjoint), both views through the student, cross-view "
+      "L_BC averaged: 2.65x MAE's training FLOPs at ViT-B against 1.6x for the paper's LUT")
+    a("--crop", default=None, choices=["src", "rrc"], help="Table 4f: src (simple resized crop) "
+      "for LUT; default for --alpha 0 is MAE's rrc (0.2, 1)")
+    a("--decode", default="worker", choices=["worker", "device"], help="JPEG decode: in the loader "
+      "workers (PIL), or batched on the training device (torchvision.io.decode_jpeg: nvJPEG on a "
+      "GPU), the workers only reading files and drawing crops")
+    a("--online-probe", action=argparse.BooleanOptionalAction, help="BN + linear probe on the "
+      "detached encoder (logs probe_top1; never changes pretraining); default on when the data has "
+      "class folders and in the demo")
     run.shared_flags(p, out="runs/lut", micro_batch=128)
     args = p.parse_args(argv)
     run.defaults(args, PAPER if args.data else DEMO)
     run.check_flags(p, args)
-    args.alpha = (1.0 if args.model == "vit_s" else 0.25) if args.alpha is None else args.alpha  # §5.1
+    # §5.1
+    args.alpha = (1.0 if args.model == "vit_s" else 0.25) if args.alpha is None else args.alpha
     args.crop = args.crop or ("src" if args.alpha > 0 else "rrc")
     if not 0 < args.mask_ratio < 1:
         p.error(f"--mask-ratio must lie in (0, 1) (got {args.mask_ratio})")
     if args.two_view and args.mask_ratio < 0.5:
-        p.error(f"--two-view needs --mask-ratio >= 0.5 for two disjoint keep sets (got {args.mask_ratio})")
+        p.error(f"--two-view needs --mask-ratio >= 0.5 for two disjoint keep sets "
+                f"(got {args.mask_ratio})")
     if args.alpha < 0:
         p.error(f"--alpha must be >= 0 (got {args.alpha})")
     if not 0 <= args.ema_momentum <= 1:

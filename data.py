@@ -1,7 +1,8 @@
-"""Images in, batches out: image folders and the built-in demo dataset, the one image reader, normalisation,
-the crops more than one script uses, seeding (every sample a pure function of (seed, epoch, index), so a killed
-run resumes mid-epoch on the same batches), the rank-sharded loader and train_steps. The optional speed
-machinery comes last, under its own banner. A piece only one method uses lives in that method's script."""
+"""Images in, batches out: image folders and the built-in demo dataset, the one image reader,
+normalisation, the crops more than one script uses, seeding (every sample a pure function of
+(seed, epoch, index), so a killed run resumes mid-epoch on the same batches), the rank-sharded
+loader and train_steps. The optional speed machinery comes last, under its own banner. A piece only
+one method uses lives in that method's script."""
 import io
 import os
 import random
@@ -27,16 +28,18 @@ warnings.filterwarnings("ignore", message="Palette images with Transparency", ca
 # ---- datasets: each returns (PIL RGB image, label) ----
 
 def read_image(path):
-    """The one image reader -> PIL RGB. EXIF orientation applied (phone and camera photos); CMYK, grey and a PNG
-    named .JPEG converted; 16-bit and 32-bit grey (I;16, I: 0..65535; F: 0..1) scaled to 8 bits, not clipped
-    to white; transparency (RGBA, LA, P with a transparent colour) composited over black."""
+    """The one image reader -> PIL RGB. EXIF orientation applied (phone and camera photos); CMYK,
+    grey and a PNG named .JPEG converted; 16-bit and 32-bit grey (I;16, I: 0..65535; F: 0..1) scaled
+    to 8 bits, not clipped to white; transparency (RGBA, LA, P with a transparent colour) composited
+    over black."""
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
         if im.mode.startswith("I") or im.mode == "F":
             a = np.asarray(im, dtype=np.float64) * (255 if im.mode == "F" else 255 / 65535)
             im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
         if im.mode in ("RGBA", "LA", "PA") or im.mode == "P" and "transparency" in im.info:
-            im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)),
+                                       im.convert("RGBA"))
         return im.convert("RGB")
 
 
@@ -48,15 +51,16 @@ def readable(path):
 
 
 def class_folders(root):
-    """{class: folder}: root's sub-folders, hidden ones (.ipynb_checkpoints) not classes. A link is followed unless it
-    leads back into the tree or to a folder a link before it took (train/loop -> . would be a class of every image
-    again): a warning names it."""
+    """{class: folder}: root's sub-folders, hidden ones (.ipynb_checkpoints) not classes. A link is
+    followed unless it leads back into the tree or to a folder a link before it took
+    (train/loop -> . would be a class of every image again): a warning names it."""
     taken, out = [os.path.realpath(root)], {}
-    for e in sorted((e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")), key=lambda e: e.name):
+    for e in sorted((e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")),
+                    key=lambda e: e.name):
         real = os.path.realpath(e.path)
         if e.is_symlink() and any(os.path.commonpath([real, t]) in (real, t) for t in taken):
-            print(f"warning: {e.path} -> {real} leads back into {root} or to a folder already read: not followed",
-                  file=sys.stderr)
+            print(f"warning: {e.path} -> {real} leads back into {root} or to a folder already "
+                  "read: not followed", file=sys.stderr)
             continue
         taken += [real] if e.is_symlink() else []
         out[e.name] = e.path
@@ -64,45 +68,54 @@ def class_folders(root):
 
 
 def image_files(top):
-    """The image files under `top`, nested ones too (links to sub-folders not followed), in a fixed order."""
-    return [os.path.join(d, f) for d, _, fs in sorted(os.walk(top)) for f in sorted(fs) if f.lower().endswith(IMG_EXTS)]
+    """The image files under `top`, nested ones too (links to sub-folders not followed), in a fixed
+    order."""
+    return [os.path.join(d, f) for d, _, fs in sorted(os.walk(top)) for f in sorted(fs)
+            if f.lower().endswith(IMG_EXTS)]
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Images under `root`: class sub-folders (class_folders) give labels (ImageNet layout, nested files found too); a
-    folder holding no images is not a class; a folder of images without sub-folders is one unlabelled class (label 0),
-    for pretraining. `classes`: the class map to use (val takes train's, so a label means the same class in both). An
-    unreadable file (truncated, not an image) is skipped with a warning and counted once over the run (all workers,
-    all epochs: `bad`, one flag per file): the next file stands in for it, or with substitute=False (evaluation) a
-    black placeholder labelled -1 that every count leaves out."""
+    """Images under `root`: class sub-folders (class_folders) give labels (ImageNet layout, nested
+    files found too); a folder holding no images is not a class; a folder of images without
+    sub-folders is one unlabelled class (label 0), for pretraining. `classes`: the class map to use
+    (val takes train's, so a label means the same class in both). An unreadable file (truncated, not
+    an image) is skipped with a warning and counted once over the run (all workers, all epochs:
+    `bad`, one flag per file): the next file stands in for it, or with substitute=False (evaluation)
+    a black placeholder labelled -1 that every count leaves out."""
     def __init__(self, root, labelled=False, classes=None, substitute=True):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data folder {root} does not exist")
         folders = class_folders(root)
         if labelled and not folders:
-            raise ValueError(f"{root} holds no class folders; ImageNet's val split often comes flat: sort it "
-                             "into class folders first (e.g. with the widely used valprep.sh)")
+            raise ValueError(f"{root} holds no class folders; ImageNet's val split often comes "
+                             "flat: sort it into class folders first (e.g. with the widely used "
+                             "valprep.sh)")
         files = {c: image_files(d) for c, d in folders.items()}
         found, empty = [c for c in folders if files[c]], [c for c in folders if not files[c]]
         if empty:
-            print(f"warning: {root}: class folders without images are not classes: {empty[:5]}", file=sys.stderr)
+            print(f"warning: {root}: class folders without images are not classes: {empty[:5]}",
+                  file=sys.stderr)
         if classes is not None and set(found) - set(classes):
-            raise ValueError(f"{root} has images of classes the training split lacks (or holds no images of): "
-                             f"{sorted(set(found) - set(classes))[:5]}")
+            raise ValueError(f"{root} has images of classes the training split lacks (or holds no "
+                             f"images of): {sorted(set(found) - set(classes))[:5]}")
         if classes is not None and set(classes) - set(found):
-            print(f"warning: {root} lacks {len(set(classes) - set(found))} of the training classes, e.g. "
-                  f"{sorted(set(classes) - set(found))[:3]}", file=sys.stderr)
+            print(f"warning: {root} lacks {len(set(classes) - set(found))} of the training "
+                  f"classes, e.g. {sorted(set(classes) - set(found))[:3]}", file=sys.stderr)
         self.classes = list(classes if classes is not None else found)
         label = {c: k for k, c in enumerate(self.classes)}
         self.samples = ([(f, label[c]) for c in found for f in files[c]] if folders else
                         [(f, 0) for f in image_files(root)])  # no sub-folders: one unlabelled class
         if not self.samples:
             raise ValueError(f"no images ({', '.join(IMG_EXTS)}) found under {root}")
-        sample = [p for p, _ in self.samples[::max(1, len(self.samples) // 16)][:16]]  # before any worker starts
+        # before any worker starts
+        sample = [p for p, _ in self.samples[::max(1, len(self.samples) // 16)][:16]]
         if not any(readable(p) for p in sample):
-            raise ValueError(f"none of the {len(sample)} images sampled under {root} can be read, e.g. {sample[:3]}")
-        self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()  # one flag per file, all workers
-        self.encoded, self.substitute = False, substitute  # encoded (--decode device): samples are Jpeg
+            raise ValueError(f"none of the {len(sample)} images sampled under {root} can be read, "
+                             f"e.g. {sample[:3]}")
+        # one flag per file, all workers
+        self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
+        # encoded (--decode device): samples are Jpeg
+        self.encoded, self.substitute = False, substitute
 
     @property
     def skipped(self):
@@ -119,27 +132,31 @@ class ImageFiles(torch.utils.data.Dataset):
                 return (Jpeg.read(path, j) if self.encoded else read_image(path)), label
             except Exception as e:  # truncated or not an image at all
                 self.unreadable(j, e)
-            if not self.substitute:  # evaluation: never the next file, which would be scored in its place
+            # evaluation: never the next file, which would be scored in its place
+            if not self.substitute:
                 img = Image.new("RGB", (32, 32))
                 return (Jpeg.encode(img) if self.encoded else img), -1
         raise RuntimeError(f"100 unreadable images in a row from {path}: is the data folder right?")
 
     def unreadable(self, j, why):
-        """Flag file j as unreadable and say so, once a run (the workers' reads and the device's decode alike)."""
+        """Flag file j as unreadable and say so, once a run (the workers' reads and the device's
+        decode alike)."""
         if not self.bad[j]:
             self.bad[j] = True
-            print(f"warning: skipping unreadable image {self.samples[j][0]} ({why}); {self.skipped} skipped in this "
-                  "run", file=sys.stderr)
+            print(f"warning: skipping unreadable image {self.samples[j][0]} ({why}); "
+                  f"{self.skipped} skipped in this run", file=sys.stderr)
 
 
 class DemoShapes(torch.utils.data.Dataset):
-    """The built-in demo dataset: procedurally drawn 128 x 128 images of 6 pattern classes (stripes at 4 angles:
-    | / - \\, checkers, dots) in two random colours, with a random period (10-20 px) and phase, over pixel
-    noise. Image i is a pure function of (split, i): no download, no files. Colour and brightness, the strongest
-    signals in the pixels, are random per image: the class is in the pattern's structure, which an encoder has
-    to learn (kNN: random init 33 %, the SemanticMIM demo's 72 %; README, demo table). Checkers and dots have
-    FAST corners, stripes few. A smoke test, not a benchmark."""
-    classes = ["stripes_vertical", "stripes_rising", "stripes_horizontal", "stripes_falling", "checkers", "dots"]
+    """The built-in demo dataset: procedurally drawn 128 x 128 images of 6 pattern classes (stripes
+    at 4 angles: | / - \\, checkers, dots) in two random colours, with a random period (10-20 px)
+    and phase, over pixel noise. Image i is a pure function of (split, i): no download, no files.
+    Colour and brightness, the strongest signals in the pixels, are random per image: the class is
+    in the pattern's structure, which an encoder has to learn (kNN: random init 33 %, the
+    SemanticMIM demo's 72 %; README, demo table). Checkers and dots have FAST corners, stripes few.
+    A smoke test, not a benchmark."""
+    classes = ["stripes_vertical", "stripes_rising", "stripes_horizontal", "stripes_falling",
+               "checkers", "dots"]
 
     def __init__(self, split="train", size=None, img_size=128, encoded=False):
         self.split, self.img_size, self.encoded = split, img_size, encoded
@@ -154,28 +171,33 @@ class DemoShapes(torch.utils.data.Dataset):
         c1, c2 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
         while np.abs(c1 - c2).mean() < 60:  # enough contrast that the pattern is always visible
             c2 = rng.integers(0, 256, 3)
-        k, th = 2 * np.pi / rng.uniform(10, 20), np.pi / 4 * label if label < 4 else 0.0  # wave number, angle
+        # wave number, angle
+        k, th = 2 * np.pi / rng.uniform(10, 20), np.pi / 4 * label if label < 4 else 0.0
         y, x = np.mgrid[0:s, 0:s].astype(np.float32)
         u = k * (np.cos(th) * x + np.sin(th) * y) + rng.uniform(0, 2 * np.pi)
         v = k * (np.cos(th) * y - np.sin(th) * x) + rng.uniform(0, 2 * np.pi)
-        on = np.sin(u) > 0 if label < 4 else np.sin(u) * np.sin(v) > 0 if label == 4 else np.cos(u) + np.cos(v) > 1
-        img = np.where(on[..., None], c1, c2) + cv2.GaussianBlur(rng.normal(0, 24, (s, s, 3)), (0, 0), 1.5)
+        on = (np.sin(u) > 0 if label < 4
+              else np.sin(u) * np.sin(v) > 0 if label == 4
+              else np.cos(u) + np.cos(v) > 1)
+        img = (np.where(on[..., None], c1, c2)
+               + cv2.GaussianBlur(rng.normal(0, 24, (s, s, 3)), (0, 0), 1.5))
         img = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
         return (Jpeg.encode(img) if self.encoded else img), label
 
 
 def dataset(data, split, labelled=False, classes=None, encoded=False):
-    """`--data PATH` -> PATH/split; None -> the demo. Unlabelled (pretraining): PATH itself when it has no such
-    sub-folder. Labelled (probes): PATH/train and PATH/val must both exist, never one folder for both (that
-    would measure on training images); `classes`: train's class map, for val. encoded: samples are Jpegs.
-    The val split never substitutes the next file for an unreadable one: a placeholder labelled -1 instead."""
+    """`--data PATH` -> PATH/split; None -> the demo. Unlabelled (pretraining): PATH itself when it
+    has no such sub-folder. Labelled (probes): PATH/train and PATH/val must both exist, never one
+    folder for both (that would measure on training images); `classes`: train's class map, for val.
+    encoded: samples are Jpegs. The val split never substitutes the next file for an unreadable one:
+    a placeholder labelled -1 instead."""
     if data is None:
         return DemoShapes(split, encoded=encoded)
     if not os.path.isdir(data):
         raise FileNotFoundError(f"--data {data} does not exist")
     if labelled and not all(os.path.isdir(os.path.join(data, s)) for s in ("train", "val")):
-        raise ValueError(f"--data {data} needs train/ and val/ sub-folders of classes: evaluating on the training "
-                         "folder itself would report top-1 on training images")
+        raise ValueError(f"--data {data} needs train/ and val/ sub-folders of classes: evaluating "
+                         "on the training folder itself would report top-1 on training images")
     root = os.path.join(data, split) if os.path.isdir(os.path.join(data, split)) else data
     ds = ImageFiles(root, labelled, classes, substitute=split != "val")
     ds.encoded = encoded
@@ -183,21 +205,24 @@ def dataset(data, split, labelled=False, classes=None, encoded=False):
 
 
 def skipped(ds):
-    """{"skipped": unreadable files so far in the run} for a log record, {} while none (or for the demo)."""
+    """{"skipped": unreadable files so far in the run} for a log record, {} while none (or for the
+    demo)."""
     n = int(getattr(getattr(ds, "base", ds), "skipped", 0))
     return {"skipped": n} if n else {}
 
 
 def skip_state(ds):
-    """This process's unreadable files so far (sample indices, all its workers), for a checkpoint; restore_skips on
-    resume. Under torchrun, share_skips first, so that rank 0's holds every process's."""
+    """This process's unreadable files so far (sample indices, all its workers), for a checkpoint;
+    restore_skips on resume. Under torchrun, share_skips first, so that rank 0's holds every
+    process's."""
     bad = getattr(getattr(ds, "base", ds), "bad", None)
     return [] if bad is None else bad.nonzero().flatten().tolist()
 
 
 def share_skips(ds):
-    """Flag on every rank the files any rank found unreadable, so `skipped` and skip_state count them all. Under
-    torchrun a collective: call it on every rank (as check_finite); alone, nothing to do."""
+    """Flag on every rank the files any rank found unreadable, so `skipped` and skip_state count
+    them all. Under torchrun a collective: call it on every rank (as check_finite); alone, nothing
+    to do."""
     if dist.is_initialized():
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, skip_state(ds))
@@ -205,11 +230,12 @@ def share_skips(ds):
 
 
 def restore_skips(ds, state):
-    """Flag the files skip_state saved, so `skipped` counts over the whole run and none is announced again."""
+    """Flag the files skip_state saved, so `skipped` counts over the whole run and none is announced
+    again."""
     base = getattr(ds, "base", ds)
     if state and max(state) >= len(getattr(base, "bad", ())):
-        raise ValueError(f"the checkpoint's unreadable files reach sample {max(state)}; this dataset holds "
-                         f"{len(base)} images: is --data the run's?")
+        raise ValueError(f"the checkpoint's unreadable files reach sample {max(state)}; this "
+                         f"dataset holds {len(base)} images: is --data the run's?")
     if state:
         base.bad[state] = True
 
@@ -217,8 +243,9 @@ def restore_skips(ds, state):
 # ---- normalisation and the shared crops (PIL in; what each returns is said) ----
 
 def image_size(size):
-    """--img-size: 192 or "192" -> (192, 192); "192x256" -> (height 192, width 256). Non-square inputs work
-    everywhere a size is taken here (both sides must divide by the patch, and the mask cell where there is one)."""
+    """--img-size: 192 or "192" -> (192, 192); "192x256" -> (height 192, width 256). Non-square
+    inputs work everywhere a size is taken here (both sides must divide by the patch, and the mask
+    cell where there is one)."""
     if isinstance(size, (tuple, list)):
         return tuple(size)
     h, _, w = str(size).partition("x")
@@ -226,59 +253,70 @@ def image_size(size):
 
 
 def channel_stats(in_chans=3, mean=None, std=None):
-    """Per-channel (mean, std) for --in-chans: ImageNet's by default; with one channel (images read as
-    grayscale) the averages of ImageNet's. Given values must have in_chans entries."""
+    """Per-channel (mean, std) for --in-chans: ImageNet's by default; with one channel (images read
+    as grayscale) the averages of ImageNet's. Given values must have in_chans entries."""
     mean = mean or (IMAGENET_MEAN if in_chans == 3 else (sum(IMAGENET_MEAN) / 3,) * in_chans)
     std = std or (IMAGENET_STD if in_chans == 3 else (sum(IMAGENET_STD) / 3,) * in_chans)
     if len(mean) != in_chans or len(std) != in_chans:
-        raise ValueError(f"--mean / --std need {in_chans} values each for --in-chans {in_chans} (got {len(mean)} and {len(std)})")
+        raise ValueError(f"--mean / --std need {in_chans} values each for --in-chans {in_chans} "
+                         f"(got {len(mean)} and {len(std)})")
     return tuple(mean), tuple(std)
 
 
 def normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """PIL -> float tensor (C, H, W), C = len(mean) (1: grayscale, PIL's "L"): [0, 1] then mean / std."""
-    return T.Compose(([T.Grayscale(1)] if len(mean) == 1 else []) + [T.ToTensor(), T.Normalize(mean, std)])
+    """PIL -> float tensor (C, H, W), C = len(mean) (1: grayscale, PIL's "L"): [0, 1] then mean /
+    std."""
+    return T.Compose(([T.Grayscale(1)] if len(mean) == 1 else [])
+                     + [T.ToTensor(), T.Normalize(mean, std)])
 
 
 def to_uint8(in_chans=3):
-    """PIL -> uint8 tensor (C, H, W), what the pretraining loaders ship; normalize_batch finishes on the GPU.
-    A quarter of the bytes to collate, pin and copy, and ~0.25 ms less worker CPU per 192 px image (of ~4)."""
+    """PIL -> uint8 tensor (C, H, W), what the pretraining loaders ship; normalize_batch finishes on
+    the GPU. A quarter of the bytes to collate, pin and copy, and ~0.25 ms less worker CPU per
+    192 px image (of ~4)."""
     return T.Compose(([T.Grayscale(1)] if in_chans == 1 else []) + [T.PILToTensor()])
 
 
 def normalize_batch(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """uint8 (B, C, H, W) -> float (x / 255 - mean) / std, on x's device (Python scalars: no host copy)."""
+    """uint8 (B, C, H, W) -> float (x / 255 - mean) / std, on x's device (Python scalars: no host
+    copy)."""
     x = x.float()
-    return torch.cat([(x[:, c:c + 1] - 255 * m) / (255 * s) for c, (m, s) in enumerate(zip(mean, std))], dim=1)
+    return torch.cat([(x[:, c:c + 1] - 255 * m) / (255 * s)
+                      for c, (m, s) in enumerate(zip(mean, std))], dim=1)
 
 
 def denormalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """For figures: (B, C, H, W) normalised -> (B, 3, H, W) in [0, 1] (one channel shown as grey)."""
+    """For figures: (B, C, H, W) normalised -> (B, 3, H, W) in [0, 1] (one channel shown as
+    grey)."""
     m, s = (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) for v in (mean, std))
     return (x * s + m).clamp(0, 1).expand(-1, 3, -1, -1)
 
 
 def crop_flip(img_size=224, scale=(0.08, 1.0)):
-    """Random resized crop (bicubic) + horizontal flip: the linear probe's training crop (MAE, scale (0.08, 1))
-    and SemanticMIM's pretraining one (scale (0.5, 1), App. E). Returns PIL."""
-    return T.Compose([T.RandomResizedCrop(image_size(img_size), scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+    """Random resized crop (bicubic) + horizontal flip: the linear probe's training crop (MAE, scale
+    (0.08, 1)) and SemanticMIM's pretraining one (scale (0.5, 1), App. E). Returns PIL."""
+    return T.Compose([T.RandomResizedCrop(image_size(img_size), scale=scale,
+                                          interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip()])
 
 
 def center_crop(img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, uint8=False):
-    """Evaluation: resize to img_size * 256 / 224 (bicubic; the longer side of a non-square size), centre crop
-    img_size -> normalised tensor, or with uint8 the uint8 tensor (normalize_batch finishes on the device)."""
+    """Evaluation: resize to img_size * 256 / 224 (bicubic; the longer side of a non-square size),
+    centre crop img_size -> normalised tensor, or with uint8 the uint8 tensor (normalize_batch
+    finishes on the device)."""
     size = image_size(img_size)
-    return T.Compose([T.Resize(int(max(size) * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
+    return T.Compose([T.Resize(int(max(size) * 256 / 224),
+                               interpolation=T.InterpolationMode.BICUBIC),
                       T.CenterCrop(size), to_uint8(len(mean)) if uint8 else normalize(mean, std)])
 
 
 # ---- loading ----
 
 class Seeded(torch.utils.data.Dataset):
-    """Applies `transform` (PIL -> anything) to `base` samples with the RNGs seeded from (seed, epoch, i):
-    the same sample is the same tensor whatever the worker count or resume point. Indexed by i (at self.epoch)
-    or by (epoch, i), as loader's sampler does: persistent workers hold their own copy of self.epoch."""
+    """Applies `transform` (PIL -> anything) to `base` samples with the RNGs seeded from
+    (seed, epoch, i): the same sample is the same tensor whatever the worker count or resume point.
+    Indexed by i (at self.epoch) or by (epoch, i), as loader's sampler does: persistent workers hold
+    their own copy of self.epoch."""
     def __init__(self, base, transform, seed=0):
         self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
 
@@ -290,7 +328,8 @@ class Seeded(torch.utils.data.Dataset):
         s = (self.seed * 1_000_003 + epoch) * 10_000_019 + i
         py_state = random.getstate()
         with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG alone (num_workers=0)
-            torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed would reset the GPU's too
+            # CPU only: torch.manual_seed would reset the GPU's too
+            torch.default_generator.manual_seed(s)
             random.seed(s)
             img, label = self.base[i]
             out = self.transform(img), label
@@ -300,8 +339,9 @@ class Seeded(torch.utils.data.Dataset):
 
 class Sampler(torch.utils.data.DistributedSampler):
     """DistributedSampler (one replica without torchrun) that can start mid-epoch: `skip` samples of
-    this rank's share are dropped, so a resumed run continues at the batch where it stopped. For a Seeded
-    dataset it yields (epoch, index): the workers can persist across epochs and still draw each epoch's crops."""
+    this rank's share are dropped, so a resumed run continues at the batch where it stopped. For a
+    Seeded dataset it yields (epoch, index): the workers can persist across epochs and still draw
+    each epoch's crops."""
     skip = 0
 
     def __iter__(self):
@@ -313,17 +353,20 @@ class Sampler(torch.utils.data.DistributedSampler):
 
 
 def worker_init(_):
-    cv2.setNumThreads(0)  # OpenCV threads inside DataLoader workers oversubscribe or deadlock (pytorch#1355)
+    # OpenCV threads inside DataLoader workers oversubscribe or deadlock (pytorch#1355)
+    cv2.setNumThreads(0)
 
 
 def loader(ds, batch_size, train=True, workers=8, seed=0):
-    """Rank-sharded DataLoader over a Seeded dataset; drop_last and shuffling for training; workers persist across
-    epochs (the sampler hands them the epoch with each index). Call set_epoch(loader, epoch, skip_batches) before
-    iterating each epoch."""
+    """Rank-sharded DataLoader over a Seeded dataset; drop_last and shuffling for training; workers
+    persist across epochs (the sampler hands them the epoch with each index). Call set_epoch(loader,
+    epoch, skip_batches) before iterating each epoch."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     sampler = Sampler(ds, num_replicas=world, rank=rank, shuffle=train, seed=seed, drop_last=train)
-    return torch.utils.data.DataLoader(ds, batch_size, sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                                       drop_last=train, worker_init_fn=worker_init, persistent_workers=workers > 0, collate_fn=collate)
+    return torch.utils.data.DataLoader(ds, batch_size, sampler=sampler, num_workers=workers,
+                                       pin_memory=torch.cuda.is_available(), drop_last=train,
+                                       worker_init_fn=worker_init, persistent_workers=workers > 0,
+                                       collate_fn=collate)
 
 
 def set_epoch(dl, epoch, skip_batches=0):
@@ -336,17 +379,20 @@ def to_device(batch, device, non_blocking=True):
     """Every tensor of a (nested) tuple / list batch to `device`."""
     if torch.is_tensor(batch):
         return batch.to(device, non_blocking=non_blocking)
-    return type(batch)(to_device(b, device, non_blocking) for b in batch) if isinstance(batch, (list, tuple)) else batch
+    return (type(batch)(to_device(b, device, non_blocking) for b in batch)
+            if isinstance(batch, (list, tuple)) else batch)
 
 
 def train_steps(dl, epochs, accum, start=0, device=None):
-    """Yield (epoch, step, [accum micro-batches]) for optimiser steps start .. epochs * steps_per_epoch;
-    each epoch re-seeds the sampler, and a run resumed at `start` skips the batches already done. With a
-    `device`, the batches arrive there, copied one batch ahead (prefetch)."""
+    """Yield (epoch, step, [accum micro-batches]) for optimiser steps start ..
+    epochs * steps_per_epoch; each epoch re-seeds the sampler, and a run resumed at `start` skips
+    the batches already done. With a `device`, the batches arrive there, copied one batch ahead
+    (prefetch)."""
     dl.sampler.skip = 0
     per_epoch = len(dl) // accum
     if per_epoch == 0:
-        raise ValueError(f"{len(dl.dataset)} images give no full step of {accum} x {dl.batch_size} per process")
+        raise ValueError(f"{len(dl.dataset)} images give no full step of {accum} x {dl.batch_size} "
+                         "per process")
     for epoch in range(start // per_epoch, epochs):
         first = max(start, epoch * per_epoch)
         set_epoch(dl, epoch, (first - epoch * per_epoch) * accum)
@@ -356,18 +402,19 @@ def train_steps(dl, epochs, accum, start=0, device=None):
 
 
 # ==== optional speed machinery ====
-# Not needed to read or run the methods: each piece keeps a GPU fed at ImageNet scale (benchmarks/README.md
-# has the figures): prefetch overlaps the host-to-device copy with compute; --decode device moves JPEG
-# decoding onto the GPU (nvJPEG), the workers only reading files and drawing crops; LUT's colour
-# augmentation runs per sample on the device instead of in the workers.
+# Not needed to read or run the methods: each piece keeps a GPU fed at ImageNet scale
+# (benchmarks/README.md has the figures): prefetch overlaps the host-to-device copy with compute;
+# --decode device moves JPEG decoding onto the GPU (nvJPEG), the workers only reading files and
+# drawing crops; LUT's colour augmentation runs per sample on the device instead of in the workers.
 
 # ---- prefetch: the next batch's copy on a side CUDA stream ----
 
 def prefetch(batches, device):
-    """Yield the batches of `batches` on `device`, one ahead: on CUDA batch n + 1's copy is queued on a side stream
-    (asynchronous from pinned memory) before batch n is handed out, so it overlaps batch n's compute; the compute
-    stream waits for batch n's copy alone (its event), and record_stream keeps the allocator from reusing the
-    memory while the compute stream still reads it. On the CPU the same batches in the same order, moved (a no-op)."""
+    """Yield the batches of `batches` on `device`, one ahead: on CUDA batch n + 1's copy is queued
+    on a side stream (asynchronous from pinned memory) before batch n is handed out, so it overlaps
+    batch n's compute; the compute stream waits for batch n's copy alone (its event), and
+    record_stream keeps the allocator from reusing the memory while the compute stream still reads
+    it. On the CPU the same batches in the same order, moved (a no-op)."""
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
     ahead = None
     for b in batches:
@@ -404,16 +451,19 @@ def _tensors(batch):
     return [t for b in batch for t in _tensors(b)] if isinstance(batch, (list, tuple)) else []
 
 
-# ---- optional GPU JPEG decode (--decode device): the worker reads the file and draws the crop, the device decodes ----
+# ---- optional GPU JPEG decode (--decode device): the worker reads the file and draws the crop, the
+# device decodes ----
 
 class Jpeg:
-    """A JPEG's bytes (uint8 (n,) tensor) and its size (W, H), not decoded; after a view transform also `views`, the
-    crops to take (crop_spec rows); read from a file also its `path` and sample `index` (for decode_views' skip). Files
-    nvJPEG cannot take as they are (not JPEG, e.g. a PNG named .JPEG; CMYK; 16-bit; an EXIF rotation, which decode_jpeg
-    applies on the CPU only; no end marker, i.e. truncated) are decoded here by read_image and re-encoded at quality 95:
-    rare in ImageNet, lossy for those few."""
+    """A JPEG's bytes (uint8 (n,) tensor) and its size (W, H), not decoded; after a view transform
+    also `views`, the crops to take (crop_spec rows); read from a file also its `path` and sample
+    `index` (for decode_views' skip). Files nvJPEG cannot take as they are (not JPEG, e.g. a PNG
+    named .JPEG; CMYK; 16-bit; an EXIF rotation, which decode_jpeg applies on the CPU only; no end
+    marker, i.e. truncated) are decoded here by read_image and re-encoded at quality 95: rare in
+    ImageNet, lossy for those few."""
     def __init__(self, data, size):
-        self.data, self.size, self.views = torch.frombuffer(bytearray(data), dtype=torch.uint8), size, None
+        self.data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        self.size, self.views = size, None
         self.path, self.index = None, None
 
     @staticmethod
@@ -421,9 +471,11 @@ class Jpeg:
         with open(path, "rb") as f:
             raw = f.read()
         with Image.open(io.BytesIO(raw)) as im:
-            plain = im.format == "JPEG" and im.mode in ("RGB", "L") and im.getexif().get(0x0112, 1) == 1
+            plain = (im.format == "JPEG" and im.mode in ("RGB", "L")
+                     and im.getexif().get(0x0112, 1) == 1)
             size = im.size
-        j = Jpeg(raw, size) if plain and raw.rstrip(b"\0")[-2:] == b"\xff\xd9" else Jpeg.encode(read_image(path))
+        j = (Jpeg(raw, size) if plain and raw.rstrip(b"\0")[-2:] == b"\xff\xd9"
+             else Jpeg.encode(read_image(path)))
         j.path, j.index = path, index
         return j
 
@@ -439,15 +491,17 @@ class Jpeg:
 
 
 def rrc_spec(jpeg, img_size, scale, ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop + RandomHorizontalFlip's draws on a Jpeg's size, in their order: the crop_spec row."""
+    """RandomResizedCrop + RandomHorizontalFlip's draws on a Jpeg's size, in their order: the
+    crop_spec row."""
     (w, h), out = jpeg.size, image_size(img_size)
-    top, left, ch, cw = T.RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(3, h, w), scale, ratio)
+    top, left, ch, cw = T.RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(3, h, w),
+                                                       scale, ratio)
     return [h, w, top, left, ch, cw, *out, int(torch.rand(1) < 0.5)]
 
 
 class JpegBatch(list):
-    """The Jpegs of a batch: collate keeps them a list on the host (decode_jpeg takes host bytes); to_device rebuilds
-    it as a JpegBatch and moves nothing (a Jpeg is not a tensor)."""
+    """The Jpegs of a batch: collate keeps them a list on the host (decode_jpeg takes host bytes);
+    to_device rebuilds it as a JpegBatch and moves nothing (a Jpeg is not a tensor)."""
 
 
 def collate(samples):
@@ -460,11 +514,13 @@ def collate(samples):
 
 
 def crop_spec(img, spec):
-    """One view from a decoded uint8 (C, H, W) image by its row [rh, rw, top, left, h, w, out_h, out_w, flip]: resize to
-    rh x rw (bicubic, antialiased; skipped when equal), the h x w window at (top, left), its out-of-image part reflected,
-    resized to out_h x out_w (skipped when equal), flipped."""
+    """One view from a decoded uint8 (C, H, W) image by its row [rh, rw, top, left, h, w, out_h,
+    out_w, flip]: resize to rh x rw (bicubic, antialiased; skipped when equal), the h x w window at
+    (top, left), its out-of-image part reflected, resized to out_h x out_w (skipped when equal),
+    flipped."""
     rh, rw, t, l, h, w, oh, ow, flip = spec
-    bicubic = lambda x, size: v2.functional.resize(x, size, T.InterpolationMode.BICUBIC, antialias=True)
+    bicubic = lambda x, size: v2.functional.resize(x, size, T.InterpolationMode.BICUBIC,
+                                                   antialias=True)
     x = img if img.shape[1:] == (rh, rw) else bicubic(img, [rh, rw])
     x = x[:, max(t, 0):t + h, max(l, 0):l + w]
     pad = (max(-l, 0), max(l + w - rw, 0), max(-t, 0), max(t + h - rh, 0))
@@ -474,13 +530,15 @@ def crop_spec(img, spec):
 
 
 def decode_views(batch, device, ds=None):
-    """A JpegBatch -> (views, keep): its views, each a uint8 (B', 3, H, W) batch on `device`, and the positions (B',) on
-    `device` of the images they hold, to take the batch's labels and masks by. One batched decode_jpeg (nvJPEG on CUDA),
-    then crop_spec per image and view. A batch nvJPEG refuses is decoded image by image on the CPU, where an image that
-    still fails (a damaged body behind intact markers: the worker cannot tell) is left out, flagged in `ds` as the
-    workers flag theirs (once a run) and warned with its path."""
+    """A JpegBatch -> (views, keep): its views, each a uint8 (B', 3, H, W) batch on `device`, and
+    the positions (B',) on `device` of the images they hold, to take the batch's labels and masks
+    by. One batched decode_jpeg (nvJPEG on CUDA), then crop_spec per image and view. A batch nvJPEG
+    refuses is decoded image by image on the CPU, where an image that still fails (a damaged body
+    behind intact markers: the worker cannot tell) is left out, flagged in `ds` as the workers flag
+    theirs (once a run) and warned with its path."""
     data, rgb = [j.data for j in batch], torchvision.io.ImageReadMode.RGB
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates its image io (for TorchCodec); it still works
+    # torchvision 0.29 deprecates its image io (for TorchCodec); it still works
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
             imgs = torchvision.io.decode_jpeg(data, mode=rgb, device=device)
@@ -488,26 +546,33 @@ def decode_views(batch, device, ds=None):
             imgs = [decode_one(j, device, ds) for j in batch]
     kept = [k for k, img in enumerate(imgs) if img is not None]
     if not kept:
-        raise RuntimeError(f"none of a batch's {len(batch)} images decodes, e.g. {batch[0].path}: is the data right?")
-    views = [torch.stack([crop_spec(imgs[k], batch[k].views[v]) for k in kept]) for v in range(len(batch[0].views))]
+        raise RuntimeError(f"none of a batch's {len(batch)} images decodes, e.g. {batch[0].path}: "
+                           "is the data right?")
+    views = [torch.stack([crop_spec(imgs[k], batch[k].views[v]) for k in kept])
+             for v in range(len(batch[0].views))]
     whole = len(kept) == len(batch)  # the usual batch: an arange, no host-to-device copy to wait on
-    return views, torch.arange(len(batch), device=device) if whole else torch.tensor(kept, device=device)
+    return views, (torch.arange(len(batch), device=device) if whole
+                   else torch.tensor(kept, device=device))
 
 
 def decode_one(jpeg, device, ds=None):
-    """A Jpeg decoded on the CPU -> uint8 (3, H, W) on `device`; None if it cannot be (flagged in ds, or warned)."""
+    """A Jpeg decoded on the CPU -> uint8 (3, H, W) on `device`; None if it cannot be (flagged in
+    ds, or warned)."""
     try:
-        return torchvision.io.decode_jpeg(jpeg.data, mode=torchvision.io.ImageReadMode.RGB).to(device)
+        rgb = torchvision.io.ImageReadMode.RGB
+        return torchvision.io.decode_jpeg(jpeg.data, mode=rgb).to(device)
     except RuntimeError as e:
         base = getattr(ds, "base", ds)
         if hasattr(base, "unreadable") and jpeg.index is not None:
             base.unreadable(jpeg.index, e)
         else:
-            print(f"warning: skipping an undecodable image {jpeg.path or '(in memory)'} ({e})", file=sys.stderr)
+            print(f"warning: skipping an undecodable image {jpeg.path or '(in memory)'} ({e})",
+                  file=sys.stderr)
         return None
 
 
-# ---- colour augmentation on the device: the worker decodes and crops, the step does the rest (per sample) ----
+# ---- colour augmentation on the device: the worker decodes and crops, the step does the rest (per
+# sample) ----
 
 def gray(x):
     """ITU-R 601 luma with torchvision's weights: (B, 3, H, W) -> (B, 1, H, W), any value scale."""
@@ -515,63 +580,75 @@ def gray(x):
 
 
 def adjust_hue(x, f):
-    """Rotate each image's hue by f (B,) turns in HSV, torchvision's adjust_hue per sample. (B, 3, H, W) in [0, 1]."""
+    """Rotate each image's hue by f (B,) turns in HSV, torchvision's adjust_hue per sample.
+    (B, 3, H, W) in [0, 1]."""
     mx, mn = x.amax(1), x.amin(1)  # (B, H, W): V and V - chroma
     r, g, b = x.unbind(1)
     c = (mx - mn).clamp_min(1e-12)  # chroma 0: S = 0 below, so H does not matter
-    h = torch.where(mx == r, (g - b) / c, torch.where(mx == g, 2 + (b - r) / c, 4 + (r - g) / c)) / 6
+    h = torch.where(mx == r, (g - b) / c,
+                    torch.where(mx == g, 2 + (b - r) / c, 4 + (r - g) / c)) / 6
     h = (h + f.view(-1, 1, 1)) % 1
     s = (mx - mn) / mx.clamp_min(1e-12)
-    k = (torch.arange(5, 0, -2, device=x.device).view(1, 3, 1, 1) + 6 * h[:, None]) % 6  # HSV -> RGB, channels R, G, B
+    # HSV -> RGB, channels R, G, B
+    k = (torch.arange(5, 0, -2, device=x.device).view(1, 3, 1, 1) + 6 * h[:, None]) % 6
     return mx[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
 
 
 def color_jitter(x, factors, order):
-    """ColorJitter per sample: factors (B, 4) for brightness, contrast, saturation, hue (identity 1, 1, 1, 0 for a
-    sample left alone), order (B, 4) the sequence each sample takes them in; each a blend as torchvision's.
-    (B, 3, H, W) in [0, 1] -> same. At each of the 4 positions every adjustment runs on the whole batch, with the
-    identity where it is not that sample's: no per-sample indexing, no host sync."""
+    """ColorJitter per sample: factors (B, 4) for brightness, contrast, saturation, hue
+    (identity 1, 1, 1, 0 for a sample left alone), order (B, 4) the sequence each sample takes them
+    in; each a blend as torchvision's. (B, 3, H, W) in [0, 1] -> same. At each of the 4 positions
+    every adjustment runs on the whole batch, with the identity where it is not that sample's: no
+    per-sample indexing, no host sync."""
     blend = lambda a, y, t: (t.view(-1, 1, 1, 1) * a + (1 - t.view(-1, 1, 1, 1)) * y).clamp(0, 1)
     identity = (torch.arange(4, device=x.device) < 3).to(factors)  # (1, 1, 1, 0)
     for k in range(4):
         t = torch.where(order[:, k:k + 1] == torch.arange(4, device=x.device), factors, identity)
         x = blend(x, torch.zeros_like(x[:, :1]), t[:, 0])  # brightness: towards black
-        x = blend(x, gray(x).mean((1, 2, 3), keepdim=True), t[:, 1])  # contrast: towards the mean grey
+        # contrast: towards the mean grey
+        x = blend(x, gray(x).mean((1, 2, 3), keepdim=True), t[:, 1])
         x = blend(x, gray(x), t[:, 2])  # saturation: towards the grey image
         x = adjust_hue(x, t[:, 3])
     return x
 
 
 def gaussian_blur(x, sigma, k=9):
-    """torchvision's GaussianBlur(k) with one sigma (B,) per sample: separable, reflect padding. (B, C, H, W) -> same."""
+    """torchvision's GaussianBlur(k) with one sigma (B,) per sample: separable, reflect padding.
+    (B, C, H, W) -> same."""
     B, C, H, W = x.shape
     t = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k, device=x.device)
     g = (-0.5 * (t / sigma[:, None]) ** 2).exp()
-    g = (g / g.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B * C, k): one kernel per channel of each sample
+    # (B * C, k): one kernel per channel of each sample
+    g = (g / g.sum(1, keepdim=True)).repeat_interleave(C, 0)
     y = F.pad(x.reshape(1, B * C, H, W), (k // 2,) * 4, mode="reflect")
     y = F.conv2d(F.conv2d(y, g[:, None, :, None], groups=B * C), g[:, None, None, :], groups=B * C)
     return y.view(B, C, H, W)
 
 
 def three_augment_params(B, device=None, jitter=(0.4, 0.4, 0.2, 0.1), p=0.8):
-    """The draws of LUT's context view per sample: ColorJitter(jitter) applied with probability p (factors U(1 - a, 1 + a),
-    hue U(-h, h), identity where not applied) in a random order; then pick 0 grayscale, 1 solarize, 2 Gaussian blur with
-    sigma ~ U(0.1, 2), one each, uniformly. Returns dict(factors (B, 4), order (B, 4), pick (B,), sigma (B,))."""
+    """The draws of LUT's context view per sample: ColorJitter(jitter) applied with probability p
+    (factors U(1 - a, 1 + a), hue U(-h, h), identity where not applied) in a random order; then pick
+    0 grayscale, 1 solarize, 2 Gaussian blur with sigma ~ U(0.1, 2), one each, uniformly. Returns
+    dict(factors (B, 4), order (B, 4), pick (B,), sigma (B,))."""
     r = lambda *shape: torch.rand(*shape, device=device)
-    u, identity = 2 * r(B, 4) - 1, (torch.arange(4, device=device) < 3).float()  # U(-1, 1); (1, 1, 1, 0)
-    f = identity + torch.stack([a * u[:, i] for i, a in enumerate(jitter)], 1)  # (B, 4); Python scalars: no host copy
+    # U(-1, 1); (1, 1, 1, 0)
+    u, identity = 2 * r(B, 4) - 1, (torch.arange(4, device=device) < 3).float()
+    # (B, 4); Python scalars: no host copy
+    f = identity + torch.stack([a * u[:, i] for i, a in enumerate(jitter)], 1)
     f = torch.where(r(B, 1) < p, f, identity)
     return dict(factors=f, order=r(B, 4).argsort(1), pick=torch.randint(0, 3, (B,), device=device),
                 sigma=0.1 + 1.9 * r(B))
 
 
 def three_augment(x, params=None):
-    """LUT's context view on top of SRC, per sample on the device: colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, then
-    exactly one of grayscale / solarize (threshold 128) / Gaussian blur 9 x 9 (DeiT III's 3-Augment). uint8
-    (B, 3, H, W) -> float (B, 3, H, W) in [0, 255], for normalize_batch. params: three_augment_params' (drawn here by default)."""
+    """LUT's context view on top of SRC, per sample on the device: colour jitter (0.4, 0.4, 0.2,
+    0.1) with p 0.8, then exactly one of grayscale / solarize (threshold 128) / Gaussian blur 9 x 9
+    (DeiT III's 3-Augment). uint8 (B, 3, H, W) -> float (B, 3, H, W) in [0, 255], for
+    normalize_batch. params: three_augment_params' (drawn here by default)."""
     q = three_augment_params(x.shape[0], x.device) if params is None else params
     x = color_jitter(x.float() / 255, q["factors"], q["order"])
     pick = q["pick"].view(-1, 1, 1, 1)
     x = torch.where(pick == 0, gray(x).expand_as(x), x)
-    x = torch.where((pick == 1) & (x >= 128 / 255), 1 - x, x)  # solarize: invert at and above 128 of 255
+    # solarize: invert at and above 128 of 255
+    x = torch.where((pick == 1) & (x >= 128 / 255), 1 - x, x)
     return 255 * torch.where(pick == 2, gaussian_blur(x, q["sigma"]), x)

@@ -1,6 +1,7 @@
-"""The online linear probe of the pretraining scripts (solo-learn, lightly): a BatchNorm1d(affine=False) + Linear
-head trained beside pretraining on detached features, so a run shows what its encoder has learned as it goes.
-kamim.py, lut.py and semanticmim.py each call it in a few lines (--online-probe); it never touches their loss."""
+"""The online linear probe of the pretraining scripts (solo-learn, lightly): a
+BatchNorm1d(affine=False) + Linear head trained beside pretraining on detached features, so a run
+shows what its encoder has learned as it goes. kamim.py, lut.py and semanticmim.py each call it in a
+few lines (--online-probe); it never touches their loss."""
 import os
 
 import torch
@@ -12,16 +13,19 @@ import run
 
 
 class OnlineProbe:
-    """BatchNorm1d(affine=False) + Linear on the DETACHED mean of the encoder's final patch tokens of the UNMASKED
-    image (its own no-grad forward, encoder in eval mode: no drop path, no RNG drawn), its own AdamW. Pretraining
-    is unchanged: no gradient reaches the encoder and the head is built under a forked RNG. Under torchrun each
-    rank trains its own copy on its batches (rank 0's is logged and saved)."""
+    """BatchNorm1d(affine=False) + Linear on the DETACHED mean of the encoder's final patch tokens
+    of the UNMASKED image (its own no-grad forward, encoder in eval mode: no drop path, no RNG
+    drawn), its own AdamW. Pretraining is unchanged: no gradient reaches the encoder and the head is
+    built under a forked RNG. Under torchrun each rank trains its own copy on its batches (rank 0's
+    is logged and saved)."""
     def __init__(self, encoder, num_classes, lr=1e-3):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            self.head = nn.Sequential(nn.BatchNorm1d(encoder.dim, affine=False), nn.Linear(encoder.dim, num_classes))
+            self.head = nn.Sequential(nn.BatchNorm1d(encoder.dim, affine=False),
+                                      nn.Linear(encoder.dim, num_classes))
         self.head.to(encoder.cls_token.device)
-        self.opt, self.hits = torch.optim.AdamW(self.head.parameters(), lr=lr), torch.zeros(2, device=encoder.cls_token.device)
+        self.opt = torch.optim.AdamW(self.head.parameters(), lr=lr)
+        self.hits = torch.zeros(2, device=encoder.cls_token.device)
 
     def logits(self, encoder, img, train=True):
         """img (B, C, H, W) normalised, unmasked -> (B, K); the encoder's mode is restored after."""
@@ -39,7 +43,8 @@ class OnlineProbe:
 
     def top1(self):
         """Train top-1 (%) since the last call: one sync, at log lines."""
-        t1, self.hits = 100 * self.hits[0].item() / max(1, self.hits[1].item()), torch.zeros_like(self.hits)
+        t1 = 100 * self.hits[0].item() / max(1, self.hits[1].item())
+        self.hits = torch.zeros_like(self.hits)
         return t1
 
     def state_dict(self):
@@ -50,27 +55,36 @@ class OnlineProbe:
 
 
 def online_probe(args, encoder, ds, device):
-    """--online-probe: an OnlineProbe and a held-out batch (256 fixed random images of the val split: the demo's, or
-    PATH/val) when the data has labels (default: on for class folders and the demo), else (None, None)."""
+    """--online-probe: an OnlineProbe and a held-out batch (256 fixed random images of the val
+    split: the demo's, or PATH/val) when the data has labels (default: on for class folders and the
+    demo), else (None, None)."""
     classes = getattr(ds, "classes", [])
     if not (len(classes) > 1 if args.online_probe is None else args.online_probe):
         return None, None
     if len(classes) < 2:
-        raise ValueError(f"--online-probe needs labelled data (class folders); {args.data} has {len(classes)} class")
-    val = data.dataset(args.data, "val") if args.data is None or os.path.isdir(os.path.join(args.data, "val")) else None
+        raise ValueError(f"--online-probe needs labelled data (class folders); {args.data} has "
+                         f"{len(classes)} class")
+    has_val = args.data is None or os.path.isdir(os.path.join(args.data, "val"))
+    val = data.dataset(args.data, "val") if has_val else None
     held = None
     if val is not None:
-        idx = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:256].tolist()  # any class order
+        # any class order
+        idx = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:256].tolist()
         tf = data.center_crop(args.img_size, args.mean, args.std)
-        held = [(x, y) for x, y in (val[i] for i in idx) if y >= 0]  # -1: an unreadable file's placeholder
-        held = torch.stack([tf(x) for x, _ in held]).to(device), torch.tensor([y for _, y in held], device=device)
+        # -1: an unreadable file's placeholder
+        held = [(x, y) for x, y in (val[i] for i in idx) if y >= 0]
+        held = (torch.stack([tf(x) for x, _ in held]).to(device),
+                torch.tensor([y for _, y in held], device=device))
     return OnlineProbe(encoder, len(classes)), held
 
 
 @torch.no_grad()
 def held_out_top1(probe, encoder, held):
     """The probe's top-1 (%) on the held-out batch (BatchNorm in eval mode), or None without one."""
-    return None if held is None else 100 * (probe.logits(encoder, held[0], train=False).argmax(1) == held[1]).float().mean().item()
+    if held is None:
+        return None
+    pred = probe.logits(encoder, held[0], train=False).argmax(1)
+    return 100 * (pred == held[1]).float().mean().item()
 
 
 def train_top1(probe):
@@ -79,6 +93,8 @@ def train_top1(probe):
 
 
 def report_held_out(probe, encoder, held, epoch, step, out_dir):
-    """At an epoch's end (rank 0): the probe's held-out top-1 as its own log record, if there is a held-out batch."""
+    """At an epoch's end (rank 0): the probe's held-out top-1 as its own log record, if there is a
+    held-out batch."""
     if probe and held:
-        run.report(dict(epoch=epoch, step=step, probe_val_top1=held_out_top1(probe, encoder, held)), out_dir)
+        top1 = held_out_top1(probe, encoder, held)
+        run.report(dict(epoch=epoch, step=step, probe_val_top1=top1), out_dir)

@@ -1,19 +1,21 @@
-"""What every run needs and no method owns: torchrun setup, the batch split, lr schedules, checkpoints and
-auto-resume, the non-finite stop, the JSON-lines log and progress line, MFU, the distributed evaluation, and
-the flags every script shares. Only functions: no Trainer, no callbacks, no hidden backward().
+"""What every run needs and no method owns: torchrun setup, the batch split, lr schedules,
+checkpoints and auto-resume, the non-finite stop, the JSON-lines log and progress line, MFU, the
+distributed evaluation, and the flags every script shares. Only functions: no Trainer, no callbacks,
+no hidden backward().
 
 The contract every script keeps:
 - `model(*batch) -> (loss, terms)`: a scalar to backpropagate and a dict of detached scalars to log;
 - `model.encoder` is a vit.ViT (what probes and fine-tuning load);
-- the checkpoint names its model class (`method`), so a run never resumes another script's checkpoint;
+- the checkpoint names its model class (`method`), so a run never resumes another script's
+  checkpoint;
 - the data hook (the Seeded transform) is picklable: loader workers receive it.
 
-The loop. kamim.py's train() is the template a new method copies; every script's train() reads the same,
-line for line, in this order, except the lines marked as the method's: setup, batch split, lr, model,
-optimiser, data, online probe, steps, resume, banner, distribute; then per optimiser step: set the lr, the
-micro-batches (method inputs; forward and backward under no_sync and autocast; the loss terms summed), clip,
-step, zero_grad, (EMA), count; the log paragraph; the checkpoint paragraph; the epoch-end paragraph; the
---max-steps stop; the summary.
+The loop. kamim.py's train() is the template a new method copies; every script's train() reads the
+same, line for line, in this order, except the lines marked as the method's: setup, batch split, lr,
+model, optimiser, data, online probe, steps, resume, banner, distribute; then per optimiser step:
+set the lr, the micro-batches (method inputs; forward and backward under no_sync and autocast; the
+loss terms summed), clip, step, zero_grad, (EMA), count; the log paragraph; the checkpoint
+paragraph; the epoch-end paragraph; the --max-steps stop; the summary.
 """
 import argparse
 import contextlib
@@ -35,8 +37,8 @@ import data
 # ---- processes ----
 
 def setup(seed=0):
-    """Read torchrun's environment (plain `python script.py` is one process); init NCCL on GPU, gloo on
-    CPU. Seeds each rank differently. Returns (rank, world_size, device)."""
+    """Read torchrun's environment (plain `python script.py` is one process); init NCCL on GPU, gloo
+    on CPU. Seeds each rank differently. Returns (rank, world_size, device)."""
     rank, world, local = (int(os.environ.get(k, d)) for k, d in
                           (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
@@ -50,7 +52,8 @@ def setup(seed=0):
 
 
 def batch_split(global_batch, world, max_per_gpu):
-    """The user states the GLOBAL batch; returns (per-GPU micro-batch, gradient-accumulation steps)."""
+    """The user states the GLOBAL batch; returns (per-GPU micro-batch, gradient-accumulation
+    steps)."""
     per_rank = global_batch // world
     if per_rank * world != global_batch:
         raise ValueError(f"global batch {global_batch} is not divisible by {world} processes")
@@ -61,8 +64,8 @@ def batch_split(global_batch, world, max_per_gpu):
 
 
 def distribute(model, device, compile=False):
-    """DDP under torchrun, then torch.compile if asked: wrapped first, the compiled graph is split at DDP's
-    buckets so the gradient all-reduce overlaps the backward (torch's DDP notes)."""
+    """DDP under torchrun, then torch.compile if asked: wrapped first, the compiled graph is split
+    at DDP's buckets so the gradient all-reduce overlaps the backward (torch's DDP notes)."""
     net = model
     if dist.is_initialized() and dist.get_world_size() > 1:
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -70,13 +73,15 @@ def distribute(model, device, compile=False):
 
 
 def no_sync(net, accumulating):
-    """On a micro-batch that is not the step's last, skip DDP's gradient all-reduce (one per step)."""
+    """On a micro-batch that is not the step's last, skip DDP's gradient all-reduce (one per
+    step)."""
     return net.no_sync() if accumulating and hasattr(net, "no_sync") else contextlib.nullcontext()
 
 
 def autocast(device):
     """bf16 autocast on a GPU; fp32 on the CPU."""
-    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    return (torch.autocast("cuda", torch.bfloat16) if device.type == "cuda"
+            else contextlib.nullcontext())
 
 
 def finish(world):
@@ -87,7 +92,8 @@ def finish(world):
 # ---- schedules: plain functions of the global step, so a resume needs only the step ----
 
 def cosine(step, total, warmup, peak, final=0.0, start=0.0):
-    """Linear warmup from `start` to `peak` over `warmup` steps, then half-cosine to `final` at `total`."""
+    """Linear warmup from `start` to `peak` over `warmup` steps, then half-cosine to `final` at
+    `total`."""
     if step < warmup:
         return start + (peak - start) * step / warmup
     t = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -95,8 +101,8 @@ def cosine(step, total, warmup, peak, final=0.0, start=0.0):
 
 
 def timm_cosine(step, total, warmup, peak, final=0.0, start=0.0):
-    """timm's CosineLRScheduler (KAMIM's code): ONE cosine from step 0 to `total`, the warmup overriding
-    its start."""
+    """timm's CosineLRScheduler (KAMIM's code): ONE cosine from step 0 to `total`, the warmup
+    overriding its start."""
     if step < warmup:
         return start + (peak - start) * step / warmup
     return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total))))
@@ -111,8 +117,8 @@ def rng_state():
 
 
 def set_rng_state(state, step=0):
-    """Rank 0 resumes its saved stream exactly; the other ranks (not saved) seed from (step, rank), so no
-    two ranks share a stream after a resume, whatever GPUs are visible now."""
+    """Rank 0 resumes its saved stream exactly; the other ranks (not saved) seed from (step, rank),
+    so no two ranks share a stream after a resume, whatever GPUs are visible now."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank:
         torch.manual_seed(hash((step, rank)))
@@ -123,7 +129,8 @@ def set_rng_state(state, step=0):
 
 
 def save_checkpoint(state, out_dir, name="checkpoint.pt"):
-    """Atomic: write a temp file, then os.replace, so a kill mid-write never corrupts the last good one."""
+    """Atomic: write a temp file, then os.replace, so a kill mid-write never corrupts the last good
+    one."""
     path = os.path.join(out_dir, name)
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -131,8 +138,9 @@ def save_checkpoint(state, out_dir, name="checkpoint.pt"):
 
 
 def load_checkpoint(out_dir, name="checkpoint.pt"):
-    """The checkpoint in out_dir to resume from (weights_only: no pickled code runs), or None. A file that
-    is not one (random bytes, a truncated copy) stops with its path and the fix, not an unpickling error."""
+    """The checkpoint in out_dir to resume from (weights_only: no pickled code runs), or None. A
+    file that is not one (random bytes, a truncated copy) stops with its path and the fix, not an
+    unpickling error."""
     path = os.path.join(out_dir, name)
     if not os.path.exists(path):
         return None
@@ -144,14 +152,16 @@ def load_checkpoint(out_dir, name="checkpoint.pt"):
 
 
 # flags that only extend a run: a resume with other values goes on (and says so)
-EXTENDING = ("epochs", "save_every", "log_every", "workers", "max_steps", "compile", "micro_batch", "out",
-             "resume_anyway", "cache_gib")
+EXTENDING = ("epochs", "save_every", "log_every", "workers", "max_steps", "compile", "micro_batch",
+             "out", "resume_anyway", "cache_gib")
 
 
 def check_resume(saved, args, path):
-    """Auto-resume only the same run: flags that change its meaning (model, size, batch, method flags,
-    seed, data) stop with the differences and the two ways out; flags that only extend it are printed."""
-    same = lambda a, b: (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
+    """Auto-resume only the same run: flags that change its meaning (model, size, batch, method
+    flags, seed, data) stop with the differences and the two ways out; flags that only extend it are
+    printed."""
+    same = lambda a, b: ((list(a) if isinstance(a, tuple) else a)
+                         == (list(b) if isinstance(b, tuple) else b))
     new = vars(args)
     diff = [k for k in sorted(set(saved) | set(new)) if not same(saved.get(k), new.get(k))]
     show = lambda ks: "\n".join(f"  --{k.replace('_', '-')}: {saved.get(k, '(absent)')} -> "
@@ -160,20 +170,22 @@ def check_resume(saved, args, path):
         print(f"resuming {path} with:\n" + show([k for k in diff if k in EXTENDING]), flush=True)
     changed = [k for k in diff if k not in EXTENDING]
     if changed and not new.get("resume_anyway"):
-        raise SystemExit(f"{path} belongs to a run with other settings:\n{show(changed[:12])}\nGive a new "
-                         "--out for this run, or --resume-anyway to continue the old run with these flags.")
+        raise SystemExit(f"{path} belongs to a run with other settings:\n{show(changed[:12])}\n"
+                         "Give a new --out for this run, or --resume-anyway to continue the old "
+                         "run with these flags.")
 
 
 def resume(out_dir, model, opt, probe=None, args=None, total=None, ds=None):
-    """Auto-resume from out_dir/checkpoint.pt if any: weights, optimiser, RNG (and the online probe's head
-    and optimiser if both have one; the training set's unreadable files, if `ds`), after check_resume on
-    `args`. Returns the step to go on from (0: none); a run already at `total` says so (and trains
-    nothing, so nothing is written)."""
+    """Auto-resume from out_dir/checkpoint.pt if any: weights, optimiser, RNG (and the online
+    probe's head and optimiser if both have one; the training set's unreadable files, if `ds`),
+    after check_resume on `args`. Returns the step to go on from (0: none); a run already at `total`
+    says so (and trains nothing, so nothing is written)."""
     ckpt, path = load_checkpoint(out_dir), os.path.join(out_dir, "checkpoint.pt")
     if ckpt is None:
         return 0
     if ckpt.get("method", type(model).__name__) != type(model).__name__:
-        raise SystemExit(f"{path} was written by {ckpt['method']} (--model {ckpt['args'].get('model')}), "
+        raise SystemExit(f"{path} was written by {ckpt['method']} "
+                         f"(--model {ckpt['args'].get('model')}), "
                          f"not {type(model).__name__}: give another --out")
     if args is not None:
         check_resume(ckpt["args"], args, path)
@@ -185,28 +197,31 @@ def resume(out_dir, model, opt, probe=None, args=None, total=None, ds=None):
         data.restore_skips(ds, ckpt.get("skips", []))
     set_rng_state(ckpt["rng"], ckpt["step"])
     if total is not None and ckpt["step"] >= total:
-        print(f"{path}: already finished at step {ckpt['step']} of {total}; nothing to do", flush=True)
+        print(f"{path}: already finished at step {ckpt['step']} of {total}; nothing to do",
+              flush=True)
     return ckpt["step"]
 
 
 def save_run(out_dir, model, opt, step, args, ds=None, **extra):
-    """A checkpoint (call on rank 0): the unwrapped model's state, optimiser, step, RNG, vars(args), the
-    model's class (`method`: resume refuses another script's checkpoint), the training set's unreadable
-    files (`ds`: after data.share_skips, every rank's) and `extra` (pretraining: the encoder alone, what
-    probes load, and the online probe's state; fine-tuning: the best top-1)."""
+    """A checkpoint (call on rank 0): the unwrapped model's state, optimiser, step, RNG, vars(args),
+    the model's class (`method`: resume refuses another script's checkpoint), the training set's
+    unreadable files (`ds`: after data.share_skips, every rank's) and `extra` (pretraining: the
+    encoder alone, what probes load, and the online probe's state; fine-tuning: the best top-1)."""
     return save_checkpoint(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step,
                                 rng=rng_state(), args=vars(args), method=type(model).__name__,
-                                skips=data.skip_state(ds) if ds is not None else [], **extra), out_dir)
+                                skips=data.skip_state(ds) if ds is not None else [], **extra),
+                           out_dir)
 
 
 def check_finite(loss, step, out_dir, model=None, opt=None):
-    """Stop on a non-finite loss (float or 0-d tensor; syncs) before anything overwrites the last good
-    checkpoint; with `model` (and `opt`) also on non-finite weights or optimiser state (a finite loss can
-    still step into NaN weights): a checkpoint never holds them. Under torchrun a collective (call it on
-    every rank): a nan on any rank, which the gradient all-reduce has already spread into every rank's
-    weights, stops them all."""
+    """Stop on a non-finite loss (float or 0-d tensor; syncs) before anything overwrites the last
+    good checkpoint; with `model` (and `opt`) also on non-finite weights or optimiser state (a
+    finite loss can still step into NaN weights): a checkpoint never holds them. Under torchrun a
+    collective (call it on every rank): a nan on any rank, which the gradient all-reduce has already
+    spread into every rank's weights, stops them all."""
     tensors = [] if model is None else [*model.parameters(), *model.buffers()]
-    tensors += [] if opt is None else [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    tensors += [] if opt is None else [t for s in opt.state.values() for t in s.values()
+                                       if torch.is_tensor(t)]
     weights = all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
     cuda = dist.is_initialized() and dist.get_backend() == "nccl"
     bad = torch.tensor([float(loss), 0.0 if weights else 1.0], device="cuda" if cuda else "cpu")
@@ -215,9 +230,10 @@ def check_finite(loss, step, out_dir, model=None, opt=None):
     if math.isfinite(float(bad[0])) and not bad[1]:
         return
     path = os.path.join(out_dir, "checkpoint.pt")
-    last = f"{path} (step {load_checkpoint(out_dir)['step']}) is the last good state" if os.path.exists(path) \
-        else "no checkpoint was written"
-    what = f"loss ({float(bad[0])})" if not math.isfinite(float(bad[0])) else "weights or optimiser state"
+    last = (f"{path} (step {load_checkpoint(out_dir)['step']}) is the last good state"
+            if os.path.exists(path) else "no checkpoint was written")
+    what = (f"loss ({float(bad[0])})" if not math.isfinite(float(bad[0]))
+            else "weights or optimiser state")
     raise SystemExit(f"non-finite {what} at step {step}: stopping without saving; {last}")
 
 
@@ -230,28 +246,31 @@ def log_json(path, record):
 
 def run_info(args, device):
     """The first JSON-lines record of a run: args, versions, device, git commit."""
-    git = subprocess.run("git rev-parse HEAD 2>/dev/null", shell=True, capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = subprocess.run("git rev-parse HEAD 2>/dev/null", shell=True, capture_output=True,
+                         text=True, cwd=here).stdout.strip() or None
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or "cpu")
     return dict(args=vars(args), torch=torch.__version__, cuda=torch.version.cuda,
-                python=platform.python_version(), device=name, git=git, time=time.strftime("%Y-%m-%d %H:%M:%S"))
+                python=platform.python_version(), device=name, git=git,
+                time=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
 def banner(args, device, world, micro, accum, lr, per_epoch, total, step):
-    """The start banner (rank 0): every resolved flag, the batch split, the lr (text: how it was scaled)
-    and the step count; a fresh run's first log record (run_info)."""
+    """The start banner (rank 0): every resolved flag, the batch split, the lr (text: how it was
+    scaled) and the step count; a fresh run's first log record (run_info)."""
     os.makedirs(args.out, exist_ok=True)
     print("args:", "  ".join(f"{k}={v}" for k, v in vars(args).items()))
-    print(f"world {world}  global batch {args.batch_size} = {micro} x {accum} accumulation x {world} "
-          f"processes  lr {lr}  {per_epoch} steps/epoch, {total} in all"
+    print(f"world {world}  global batch {args.batch_size} = {micro} x {accum} accumulation x "
+          f"{world} processes  lr {lr}  {per_epoch} steps/epoch, {total} in all"
           + (f"  resuming at step {step}" if step else ""), flush=True)
     if step == 0:
         log_json(os.path.join(args.out, "log.jsonl"), run_info(args, device))
 
 
 def mean_terms(sums, n):
-    """The loss terms summed over n optimiser steps -> each one's mean over the steps and the processes
-    (one sync): what a log line shows and check_finite checks."""
+    """The loss terms summed over n optimiser steps -> each one's mean over the steps and the
+    processes (one sync): what a log line shows and check_finite checks."""
     if not sums:
         return {}
     v = torch.stack([torch.as_tensor(s, dtype=torch.float32) for s in sums.values()])
@@ -266,8 +285,8 @@ PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 9
 
 
 def mfu(flops_per_second, device):
-    """Model FLOPs utilisation against the GPU's dense bf16 peak (first name match); None on the CPU or
-    another GPU."""
+    """Model FLOPs utilisation against the GPU's dense bf16 peak (first name match); None on the CPU
+    or another GPU."""
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
     return None if peak is None else flops_per_second / peak
@@ -286,21 +305,24 @@ def throughput(images, seconds, flops, device):
 def eta(steps_left, seconds_per_step):
     """Remaining time as text, e.g. '1h02m', from the recent seconds per step."""
     m = int(steps_left * seconds_per_step // 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{int(steps_left * seconds_per_step) % 60:02d}s"
+    return (f"{m // 60}h{m % 60:02d}m" if m >= 60
+            else f"{m}m{int(steps_left * seconds_per_step) % 60:02d}s")
 
 
 def report(record, out_dir):
-    """One progress line on stdout and the same record appended to out_dir/log.jsonl (call on rank 0)."""
-    print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
-          flush=True)
+    """One progress line on stdout and the same record appended to out_dir/log.jsonl (call on
+    rank 0)."""
+    print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in record.items()), flush=True)
     log_json(os.path.join(out_dir, "log.jsonl"), record)
 
 
 def summary(out_dir, step, total, seconds):
     """The closing lines of a run (rank 0): where it stopped, and the files it wrote."""
     figs = sorted(glob.glob(os.path.join(out_dir, "*.png")))
-    print(f"{'finished' if step >= total else 'stopped'} at step {step} of {total} after {eta(1, seconds)}; "
-          f"the last loss line above has the final losses; checkpoint {os.path.join(out_dir, 'checkpoint.pt')}, "
+    print(f"{'finished' if step >= total else 'stopped'} at step {step} of {total} "
+          f"after {eta(1, seconds)}; the last loss line above has the final losses; "
+          f"checkpoint {os.path.join(out_dir, 'checkpoint.pt')}, "
           f"log {os.path.join(out_dir, 'log.jsonl')}"
           + (f", figures {out_dir}/*.png ({len(figs)})" if figs else ""), flush=True)
 
@@ -308,9 +330,9 @@ def summary(out_dir, step, total, seconds):
 # ---- evaluation: top-1 / top-5 over the whole val set, each image once ----
 
 def gather(x, n):
-    """This rank's share (position k = image k * world + r; loader-padded, or a cache shard one shorter)
-    -> all n rows in dataset order on every rank: padded to the longest share, all_gather, interleaved,
-    the padding cut."""
+    """This rank's share (position k = image k * world + r; loader-padded, or a cache shard one
+    shorter) -> all n rows in dataset order on every rank: padded to the longest share, all_gather,
+    interleaved, the padding cut."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world == 1:
         return x[:n]
@@ -322,12 +344,13 @@ def gather(x, n):
 
 @torch.no_grad()
 def evaluate(model, dl, device, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD, n=None):
-    """Top-1 / top-5 (%) and the image count over the whole val set via model.logits (the probe's and
-    finetune.py's), each image counted once: the DistributedSampler pads every rank to the same length with
-    repeats; position k of rank r's share is image k * world + r, so the padding is k * world + r >= n.
-    dl: an image loader (uint8 images, normalised here with mean / std), or with n (the val set's size) a
-    list of batches of this rank's cache shard (tokens, used as they are). A label -1 (the val split's
-    placeholder for an unreadable file) is no image: counted nowhere."""
+    """Top-1 / top-5 (%) and the image count over the whole val set via model.logits (the probe's
+    and finetune.py's), each image counted once: the DistributedSampler pads every rank to the same
+    length with repeats; position k of rank r's share is image k * world + r, so the padding is
+    k * world + r >= n.
+    dl: an image loader (uint8 images, normalised here with mean / std), or with n (the val set's
+    size) a list of batches of this rank's cache shard (tokens, used as they are). A label -1 (the
+    val split's placeholder for an unreadable file) is no image: counted nowhere."""
     model.eval()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     n, k = len(dl.dataset) if n is None else n, 0
@@ -340,8 +363,8 @@ def evaluate(model, dl, device, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD, 
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             out = model.logits(x)
         top = out.topk(min(5, out.shape[1]), dim=1).indices  # (B, 5)
-        c += torch.stack([((top[:, 0] == y) & real).sum(), ((top == y[:, None]).any(1) & real).sum(),
-                          real.sum()])
+        c += torch.stack([((top[:, 0] == y) & real).sum(),
+                          ((top == y[:, None]).any(1) & real).sum(), real.sum()])
     if dist.is_initialized():
         dist.all_reduce(c)
     model.train()
@@ -351,20 +374,22 @@ def evaluate(model, dl, device, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD, 
 # ---- the flags every script shares ----
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help with the docstring's layout kept and "(default: X)" only where X is a value; a None default is
-    resolved later and its help says so."""
+    """--help with the docstring's layout kept and "(default: X)" only where X is a value; a None
+    default is resolved later and its help says so."""
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
 def parser(doc, **kw):
-    """A script's ArgumentParser: its docstring as the description, no abbreviated flags (`--epoch` is an
-    error, not --epochs)."""
-    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, allow_abbrev=False, **kw)
+    """A script's ArgumentParser: its docstring as the description, no abbreviated flags (`--epoch`
+    is an error, not --epochs)."""
+    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter,
+                                   allow_abbrev=False, **kw)
 
 
 def number(kind, low=0, strict=True, high=None):
-    """An argparse type: a `kind` (int / float) above `low` (at least, if not strict) and at most `high`."""
+    """An argparse type: a `kind` (int / float) above `low` (at least, if not strict) and at most
+    `high`."""
     def parse(s):
         try:
             v = kind(s)
@@ -381,26 +406,30 @@ def number(kind, low=0, strict=True, high=None):
 def shared_flags(p, out, micro_batch=None, log_every=20, workers=None, out_help=""):
     """The flags every script has, each with its own constraint."""
     a = p.add_argument
-    a("--in-chans", type=int, default=3, choices=[1, 3], help="image channels: 3 (RGB) or 1 (images read "
-      "as grayscale); as in pretraining for the probe and fine-tuning")
-    a("--mean", type=float, nargs="+", help="per-channel normalisation mean (default ImageNet's; one channel: "
-      "its average)")
-    a("--std", type=number(float), nargs="+", help="per-channel normalisation std (default ImageNet's; one "
-      "channel: its average)")
-    a("--micro-batch", type=number(int), default=micro_batch, help="most images per GPU per forward; gradient "
-      "accumulation reaches --batch-size" + ("" if micro_batch else " (default: the whole per-GPU batch)"))
+    a("--in-chans", type=int, default=3, choices=[1, 3], help="image channels: 3 (RGB) or 1 "
+      "(images read as grayscale); as in pretraining for the probe and fine-tuning")
+    a("--mean", type=float, nargs="+", help="per-channel normalisation mean (default ImageNet's; "
+      "one channel: its average)")
+    a("--std", type=number(float), nargs="+", help="per-channel normalisation std (default "
+      "ImageNet's; one channel: its average)")
+    a("--micro-batch", type=number(int), default=micro_batch, help="most images per GPU per "
+      "forward; gradient accumulation reaches --batch-size"
+      + ("" if micro_batch else " (default: the whole per-GPU batch)"))
     a("--out", default=out, help="output folder: log.jsonl, checkpoint.pt (auto-resumed), figures"
       + (f"; {out_help}" if out_help else ""))
-    a("--workers", type=number(int, strict=False), default=workers, help="data-loader processes per GPU"
+    a("--workers", type=number(int, strict=False), default=workers,
+      help="data-loader processes per GPU"
       + ("" if workers is not None else " (default 8; demo 1)"))
-    a("--seed", type=int, default=0, help="every crop, mask and batch order follows from (seed, epoch, index)")
+    a("--seed", type=int, default=0, help="every crop, mask and batch order follows from "
+      "(seed, epoch, index)")
     a("--log-every", type=number(int), default=log_every, help="optimiser steps per log line")
-    a("--save-every", type=number(int), default=1000, help="optimiser steps per checkpoint (also at each "
-      "epoch end)")
-    a("--max-steps", type=number(int), help="stop after this many optimiser steps in this invocation")
+    a("--save-every", type=number(int), default=1000, help="optimiser steps per checkpoint (also "
+      "at each epoch end)")
+    a("--max-steps", type=number(int), help="stop after this many optimiser steps in this "
+      "invocation")
     a("--compile", action="store_true", help="torch.compile the model")
-    a("--resume-anyway", action="store_true", help="resume --out's checkpoint even though flags that change "
-      "the run differ")
+    a("--resume-anyway", action="store_true", help="resume --out's checkpoint even though flags "
+      "that change the run differ")
 
 
 def defaults(args, table):
@@ -412,17 +441,19 @@ def defaults(args, table):
 
 POSITIVE = ("batch_size", "epochs", "wps", "mask_patch", "ref_batch", "knn_k", "decoder_dim",
             "decoder_depth", "decoder_heads", "head_hidden", "hog_bins", "hog_cell", "lr")
-NON_NEGATIVE = ("warmup_epochs", "weight_decay", "min_lr", "warmup_lr", "clip_grad", "drop_path", "hog_window")
+NON_NEGATIVE = ("warmup_epochs", "weight_decay", "min_lr", "warmup_lr", "clip_grad", "drop_path",
+                "hog_window")
 
 
 def check_flags(p, args):
-    """After the defaults are filled: the numeric method flags (0 or a negative value never reaches a
-    division or an optimiser), the image size and the channel statistics."""
+    """After the defaults are filled: the numeric method flags (0 or a negative value never reaches
+    a division or an optimiser), the image size and the channel statistics."""
     for k, v in vars(args).items():
-        bad = k in POSITIVE and v <= 0 or k in NON_NEGATIVE and v < 0 if isinstance(v, (int, float)) \
-            and not isinstance(v, bool) else False
+        bad = (k in POSITIVE and v <= 0 or k in NON_NEGATIVE and v < 0
+               if isinstance(v, (int, float)) and not isinstance(v, bool) else False)
         if bad:
-            p.error(f"--{k.replace('_', '-')} must be {'positive' if k in POSITIVE else '>= 0'} (got {v})")
+            p.error(f"--{k.replace('_', '-')} must be {'positive' if k in POSITIVE else '>= 0'} "
+                    f"(got {v})")
     args.img_size = data.image_size(args.img_size)
     try:
         args.mean, args.std = data.channel_stats(args.in_chans, args.mean, args.std)

@@ -1,12 +1,12 @@
 """Each paper's claim at CPU scale: the method against its baseline at the same steps, batch and seed, over seeds.
 
-    python benchmarks/claims.py                       # 3 seeds, about 28 minutes on 2 idle cores
+    python benchmarks/claims.py                       # 3 seeds, about 30 minutes on 2 idle cores
     python benchmarks/claims.py --quick               # 1 seed, 1 epoch each: about 3 minutes (a smoke test, no claim)
     python benchmarks/claims.py --table-only          # the table from the runs finished so far
 
 On the demo data (DemoShapes, 6 classes) it pretrains each pair with the script's own demo settings, their
---epochs passed explicitly, and --no-online-probe (the online probe never changes pretraining; it costs ~40 % of
-KAMIM's CPU step):
+--epochs passed explicitly, and --no-online-probe (the online probe never changes pretraining; beside other jobs
+KAMIM ran 17 img/s with it, 30 without):
     KAMIM  `python kamim.py`        vs SimMIM       `--detector none`   (96 px: probed with --img-size 96)
     LUT    `python lut.py`          vs MAE          `--alpha 0`         (64 px)
     SemanticMIM `semanticmim.py`    vs vanilla MIM  `--proxies 0`       (64 px; mask ratio 0.6 vs 0.4, as the paper)
@@ -15,11 +15,12 @@ then linear heads on [cls], avg and AbMILP). Every paper claims method > baselin
 AbMILP > [cls] and AbMILP > avg on every encoder. The table gives each side's mean +- sd over the seeds
 (sample sd, n - 1), the paired difference's mean +- sd and whether its sign is the paper's.
 
-Budget, measured on 2 idle cores (2026-12-05), without the online probe: kamim's demo (6 epochs, 72 steps) ~1m40s,
-lut's (8 epochs, 768 steps) ~1m25s, semanticmim's (5 epochs, 120 steps) ~35 s, each baseline about as long or
-less, the probe (30 epochs per pooling) 20-30 s: ~9.5 min per seed, so the defaults (the demos' own epochs, 3
-seeds) take about 28 minutes; a shared machine takes longer (the ETA says how much). --quick (1 seed, 1 epoch
-each, 3 probe epochs) took 2m40s: it checks the machinery; its heads are barely trained and its differences noise.
+Budget, per step on 2 idle cores (2026-12-05), without the online probe: kamim 1.35 s (its demo: 6 epochs, 72
+steps, ~1m40s; SimMIM 1.25 s), lut 0.13 s (8 epochs, 768 steps, ~1m40s; MAE 0.09 s), semanticmim 0.36 s (5 epochs,
+120 steps, ~45 s; vanilla the same), the probe (30 epochs of each head) 20-30 s: ~10 min per seed, so the defaults
+(the demos' own epochs, 3 seeds) take about 30 minutes; a shared machine takes longer (the ETA says how much).
+--quick (1 seed, 1 epoch each, 3 probe epochs) took 2m41s: it checks the machinery; its heads are barely trained
+and its differences noise.
 
 Every run is an ordinary script run with its own --out under this --out; claims.py marks it finished
 (claims_done.json: its command and wall time) when it exits 0. Rerunning resumes: finished runs are skipped, an
@@ -45,7 +46,7 @@ PAIRS = [("KAMIM", "kamim.py", 96, ("kamim", "KAMIM", []), ("simmim", "SimMIM", 
 PROBES = {"knn_cls": "kNN [cls]", "knn_avg": "kNN avg", "cls": "[cls]", "avg": "avg", "abmilp": "AbMILP"}
 # idle 2-core seconds per pretraining epoch (no online probe; + 5 s to start) and the probe's (start, per epoch) by
 # its px, measured 2026-12-05: only for the ETA
-EPOCH_S = dict(kamim=15.6, simmim=15, lut=9.6, mae=6.7, semanticmim=6, vanilla=6.7)
+EPOCH_S = dict(kamim=16.4, simmim=15.1, lut=12.3, mae=8.6, semanticmim=8.6, vanilla=9)
 PROBE_S = {96: (14, 0.5), 64: (8.5, 0.5)}
 DONE = "claims_done.json"
 

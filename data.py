@@ -8,6 +8,7 @@ import os
 import random
 import sys
 import warnings
+import zlib
 
 import cv2
 import numpy as np
@@ -85,7 +86,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __init__(self, root, labelled=False, classes=None, substitute=True):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data folder {root} does not exist")
-        folders = class_folders(root)
+        self.root, folders = root, class_folders(root)
         if labelled and not folders:
             raise ValueError(f"{root} holds no class folders; ImageNet's val split often comes "
                              "flat: sort it into class folders first (e.g. with the widely used "
@@ -209,6 +210,14 @@ def skipped(ds):
     demo)."""
     n = int(getattr(getattr(ds, "base", ds), "skipped", 0))
     return {"skipped": n} if n else {}
+
+
+def fingerprint(ds):
+    """{"train images": count, "train file list": CRC of the paths under the folder}: a resume stops
+    when images were added, removed or renamed since the checkpoint (the demo: its size)."""
+    base = getattr(ds, "base", ds)
+    paths = [os.path.relpath(p, base.root) for p, _ in getattr(base, "samples", [])]
+    return {"train images": len(base), "train file list": zlib.crc32("\n".join(paths).encode())}
 
 
 def skip_state(ds):

@@ -26,6 +26,7 @@ import os
 import platform
 import subprocess
 import time
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -156,15 +157,16 @@ EXTENDING = ("epochs", "save_every", "log_every", "workers", "max_steps", "compi
              "out", "resume_anyway", "cache_gib")
 
 
-def check_resume(saved, args, path):
+def check_resume(saved, new, path):
     """Auto-resume only the same run: flags that change its meaning (model, size, batch, method
-    flags, seed, data) stop with the differences and the two ways out; flags that only extend it are
-    printed."""
+    flags, seed, data) and the inputs behind them (keys with a space: the training set's file
+    list, the --checkpoint file) stop with the differences and the two ways out; flags that only
+    extend the run are printed. saved, new: {name: value}."""
     same = lambda a, b: ((list(a) if isinstance(a, tuple) else a)
                          == (list(b) if isinstance(b, tuple) else b))
-    new = vars(args)
     diff = [k for k in sorted(set(saved) | set(new)) if not same(saved.get(k), new.get(k))]
-    show = lambda ks: "\n".join(f"  --{k.replace('_', '-')}: {saved.get(k, '(absent)')} -> "
+    name = lambda k: k if " " in k else "--" + k.replace("_", "-")
+    show = lambda ks: "\n".join(f"  {name(k)}: {saved.get(k, '(absent)')} -> "
                                 f"{new.get(k, '(absent)')}" for k in ks)
     if [k for k in diff if k in EXTENDING]:
         print(f"resuming {path} with:\n" + show([k for k in diff if k in EXTENDING]), flush=True)
@@ -173,6 +175,21 @@ def check_resume(saved, args, path):
         raise SystemExit(f"{path} belongs to a run with other settings:\n{show(changed[:12])}\n"
                          "Give a new --out for this run, or --resume-anyway to continue the old "
                          "run with these flags.")
+
+
+def inputs(ds, args):
+    """What a run reads besides its flags, for a resume to find again: the training set's image
+    count and file list (data.fingerprint) and the --checkpoint file it starts from (its size and a
+    CRC of its first and last MiB: a file replaced behind the same path)."""
+    out = {} if ds is None else data.fingerprint(ds)
+    path = getattr(args, "checkpoint", None)
+    if path:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(2**20)
+            f.seek(max(0, size - 2**20))
+            out["checkpoint file"] = f"{size} bytes, crc {zlib.crc32(head + f.read())}"
+    return out
 
 
 def resume(out_dir, model, opt, probe=None, args=None, total=None, ds=None):
@@ -187,8 +204,9 @@ def resume(out_dir, model, opt, probe=None, args=None, total=None, ds=None):
         raise SystemExit(f"{path} was written by {ckpt['method']} "
                          f"(--model {ckpt['args'].get('model')}), "
                          f"not {type(model).__name__}: give another --out")
-    if args is not None:
-        check_resume(ckpt["args"], args, path)
+    if args is not None:  # inputs: checkpoints from before they were stored have none
+        now = {k: v for k, v in inputs(ds, args).items() if k in ckpt.get("inputs", {})}
+        check_resume({**ckpt["args"], **ckpt.get("inputs", {})}, {**vars(args), **now}, path)
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     if probe is not None and ckpt.get("probe"):
@@ -205,12 +223,13 @@ def resume(out_dir, model, opt, probe=None, args=None, total=None, ds=None):
 def save_run(out_dir, model, opt, step, args, ds=None, **extra):
     """A checkpoint (call on rank 0): the unwrapped model's state, optimiser, step, RNG, vars(args),
     the model's class (`method`: resume refuses another script's checkpoint), the training set's
-    unreadable files (`ds`: after data.share_skips, every rank's) and `extra` (pretraining: the
-    encoder alone, what probes load, and the online probe's state; fine-tuning: the best top-1)."""
+    unreadable files (`ds`: after data.share_skips, every rank's), its inputs (a resume must find
+    them again) and `extra` (pretraining: the encoder alone, what probes load, and the online
+    probe's state; fine-tuning: the best top-1)."""
     return save_checkpoint(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step,
                                 rng=rng_state(), args=vars(args), method=type(model).__name__,
-                                skips=data.skip_state(ds) if ds is not None else [], **extra),
-                           out_dir)
+                                skips=data.skip_state(ds) if ds is not None else [],
+                                inputs=inputs(ds, args), **extra), out_dir)
 
 
 def check_finite(loss, step, out_dir, model=None, opt=None):
@@ -449,11 +468,16 @@ def check_flags(p, args):
     """After the defaults are filled: the numeric method flags (0 or a negative value never reaches
     a division or an optimiser), the image size and the channel statistics."""
     for k, v in vars(args).items():
+        if isinstance(v, float) and not abs(v) <= 1e4:  # nan, inf too: no overflow at step 1
+            p.error(f"--{k.replace('_', '-')} {v} is out of range (|value| <= 1e4)")
         bad = (k in POSITIVE and v <= 0 or k in NON_NEGATIVE and v < 0
                if isinstance(v, (int, float)) and not isinstance(v, bool) else False)
         if bad:
             p.error(f"--{k.replace('_', '-')} must be {'positive' if k in POSITIVE else '>= 0'} "
                     f"(got {v})")
+    for k in ("data", "checkpoint"):  # data/ and data name the same folder: not a changed flag
+        if getattr(args, k, None):
+            setattr(args, k, os.path.normpath(getattr(args, k)))
     args.img_size = data.image_size(args.img_size)
     try:
         args.mean, args.std = data.channel_stats(args.in_chans, args.mean, args.std)

@@ -247,7 +247,7 @@ def test_save_run_resume_check_finite(tmp_path):
     assert run.resume(out, Net(), opt) == 0  # nothing to resume: step 0, nothing touched
     run.save_run(out, net, opt, 7, argparse.Namespace(lr=1e-3), encoder=net.encoder.state_dict(), probe=None)
     ck = run.load_checkpoint(out)
-    assert set(ck) == {"model", "encoder", "optimizer", "step", "rng", "args", "probe", "method", "skips"} and ck["args"] == {"lr": 1e-3}
+    assert set(ck) == {"model", "encoder", "optimizer", "step", "rng", "args", "probe", "method", "skips", "inputs"} and ck["args"] == {"lr": 1e-3}
     assert set(ck["encoder"]) == {"weight", "bias"} and ck["step"] == 7
     expected = torch.rand(3)  # what the RNG gives right after the save
     net2 = Net()

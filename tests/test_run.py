@@ -64,3 +64,37 @@ def test_loss_curve_keeps_the_resumed_record(tmp_path):
     log.write_text("".join(json.dumps(r) + "\n" for r in recs))
     steps, curves = lc.read_log(str(log))
     assert steps == [20, 40, 60] and curves["loss"] == [3.0, 2.5, 1.0]
+
+
+def test_resume_notices_a_changed_folder_but_not_a_trailing_slash(tmp_path, one_thread):
+    import data
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(8):
+        data.DemoShapes("train", 8)[i][0].resize((40, 40)).save(imgs / f"{i}.png")
+    flags = ["--data", str(imgs), "--model", "vit_demo", "--img-size", "32", "--mask-patch", "16", "--wps", "4",
+             "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "0", "--workers", "0", "--no-online-probe",
+             "--out", str(tmp_path / "out"), "--max-steps", "1"]
+    kamim.main(flags)
+    kamim.main([*flags[:1], str(imgs) + "/", *flags[2:]])  # the same folder: resumes, no changed flag
+    assert run.load_checkpoint(str(tmp_path / "out"))["step"] == 2
+    data.DemoShapes("train", 9)[8][0].resize((40, 40)).save(imgs / "8.png")  # an image added since
+    with pytest.raises(SystemExit, match=r"(?s)train file list: \d+ -> \d+\n  train images: 8 -> 9\n.*--resume-anyway"):
+        kamim.main(flags)
+    kamim.main([*flags, "--resume-anyway"])
+
+
+def test_a_replaced_checkpoint_file_is_another_input(tmp_path):
+    ck = tmp_path / "enc.pt"
+    ck.write_bytes(b"a" * 3000)
+    before = run.inputs(None, argparse.Namespace(checkpoint=str(ck)))
+    ck.write_bytes(b"a" * 2999 + b"b")  # same size, other bytes: a file replaced behind the same path
+    assert before != run.inputs(None, argparse.Namespace(checkpoint=str(ck)))
+    assert run.inputs(None, argparse.Namespace(checkpoint=None)) == {}
+
+
+@pytest.mark.parametrize("value", ["1e41", "nan", "inf"])
+def test_float_flags_are_bounded(value, capsys):
+    with pytest.raises(SystemExit):
+        kamim.parse_args(["--lr", value])
+    assert f"--lr {float(value)} is out of range" in capsys.readouterr().err

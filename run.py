@@ -277,14 +277,15 @@ def run_info(args, device):
 
 def banner(args, device, world, micro, accum, lr, per_epoch, total, step):
     """The start banner (rank 0): every resolved flag, the batch split, the lr (text: how it was
-    scaled) and the step count; a fresh run's first log record (run_info)."""
+    scaled) and the step count; a fresh run's first log record (run_info), or a resumed run's
+    {"resume": step}: the steps logged between that checkpoint and a kill come again after it."""
     os.makedirs(args.out, exist_ok=True)
     print("args:", "  ".join(f"{k}={v}" for k, v in vars(args).items()))
     print(f"world {world}  global batch {args.batch_size} = {micro} x {accum} accumulation x "
           f"{world} processes  lr {lr}  {per_epoch} steps/epoch, {total} in all"
           + (f"  resuming at step {step}" if step else ""), flush=True)
-    if step == 0:
-        log_json(os.path.join(args.out, "log.jsonl"), run_info(args, device))
+    record = run_info(args, device) if step == 0 else dict(resume=step, time=time.strftime("%F %T"))
+    log_json(os.path.join(args.out, "log.jsonl"), record)
 
 
 def mean_terms(sums, n):

@@ -78,6 +78,8 @@ def test_resume_notices_a_changed_folder_but_not_a_trailing_slash(tmp_path, one_
     kamim.main(flags)
     kamim.main([*flags[:1], str(imgs) + "/", *flags[2:]])  # the same folder: resumes, no changed flag
     assert run.load_checkpoint(str(tmp_path / "out"))["step"] == 2
+    log = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
+    assert [r["resume"] for r in log if "resume" in r] == [1] and "args" in log[0]  # the resume is marked
     data.DemoShapes("train", 9)[8][0].resize((40, 40)).save(imgs / "8.png")  # an image added since
     with pytest.raises(SystemExit, match=r"(?s)train file list: \d+ -> \d+\n  train images: 8 -> 9\n.*--resume-anyway"):
         kamim.main(flags)

@@ -16,7 +16,6 @@ circles (--keypoints points: the paper's single pixels), the uint8 crop without 
 (--antialias), a learned position table (--pos sincos), weight decay on every parameter
 (--decay-exclusions), timm's cosine (--lr-curve fresh); --clip-logits adds the code's clamp.
 """
-import argparse
 import math
 import os
 import time
@@ -396,9 +395,7 @@ def parse_args(argv=None):
       "exp (eq. 2)")
     a("--mask-patch", type=int, default=None, help="mask cell size, §4.1: 32 (demo 16)")
     a("--mask-ratio", type=float, default=0.6, help="§4.1: 0.6 of the cells, rounded up (22 of 36)")
-    a("--online-probe", action=argparse.BooleanOptionalAction, help="BN + linear probe on the "
-      "detached encoder (logs probe_top1; never changes pretraining); default on when the data has "
-      "class folders and in the demo")
+    online_probe.add_flag(p)
     run.shared_flags(p, out="runs/kamim")
     args = p.parse_args(argv)
     run.defaults(args, PAPER if args.data else DEMO)

@@ -504,9 +504,7 @@ def parse_args(argv=None):
     a("--decode", default="worker", choices=["worker", "device"], help="JPEG decode: in the loader "
       "workers (PIL), or batched on the training device (torchvision.io.decode_jpeg: nvJPEG on a "
       "GPU), the workers only reading files and drawing crops")
-    a("--online-probe", action=argparse.BooleanOptionalAction, help="BN + linear probe on the "
-      "detached encoder (logs probe_top1; never changes pretraining); default on when the data has "
-      "class folders and in the demo")
+    online_probe.add_flag(p)
     run.shared_flags(p, out="runs/lut", micro_batch=128)
     args = p.parse_args(argv)
     run.defaults(args, PAPER if args.data else DEMO)

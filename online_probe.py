@@ -2,6 +2,7 @@
 BatchNorm1d(affine=False) + Linear head trained beside pretraining on detached features, so a run
 shows what its encoder has learned as it goes. kamim.py, lut.py and semanticmim.py each call it in a
 few lines (--online-probe); it never touches their loss."""
+import argparse
 import os
 
 import torch
@@ -52,6 +53,13 @@ class OnlineProbe:
 
     def load_state_dict(self, state):
         self.head.load_state_dict(state["head"]), self.opt.load_state_dict(state["opt"])
+
+
+def add_flag(p):
+    """--online-probe, the pretraining scripts' flag."""
+    p.add_argument("--online-probe", action=argparse.BooleanOptionalAction,
+                   help="BN + linear probe on the detached encoder (logs probe_top1; never changes "
+                   "pretraining); default on when the data has class folders and in the demo")
 
 
 def online_probe(args, encoder, ds, device):

@@ -25,7 +25,6 @@ stay the defaults: MaskFeat-bottleneck --mask-ratio 0.8, BEiT-bottleneck --proxi
 probe on the average of the final tokens with AdamW lr 4e-3 for 100 epochs (abmilp_probe.py
 --protocol semanticmim_code).
 """
-import argparse
 import functools
 import math
 import os
@@ -446,9 +445,7 @@ def parse_args(argv=None):
     a("--decode", default="worker", choices=["worker", "device"], help="JPEG decode: in the loader "
       "workers (PIL), or batched on the training device (data.decode_views: nvJPEG on a GPU), the "
       "workers reading files, drawing crops")
-    a("--online-probe", action=argparse.BooleanOptionalAction, help="BN + linear probe on the "
-      "detached encoder (logs probe_top1; never changes pretraining); default on when the data has "
-      "class folders and in the demo")
+    online_probe.add_flag(p)
     run.shared_flags(p, out="runs/semanticmim", micro_batch=128, log_every=50)
     args = p.parse_args(argv)
     run.defaults(args, DEMO if args.data is None else PAPER)

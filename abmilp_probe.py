@@ -241,6 +241,7 @@ def memory_budget(device):
     step), or on the CPU half the host's RAM over its processes. ImageNet's tokens at vit_b on 8
     GPUs: 45 GiB each."""
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # the allocator's idle blocks count as used in mem_get_info
         return torch.cuda.mem_get_info(device)[0] * 4 // 5
     return (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
             // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))

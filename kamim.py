@@ -290,7 +290,9 @@ def train(args):
                    f"{lr:.3g} (= {args.lr:g} x {args.batch_size}/{REF_BATCH})",
                    per_epoch, total, step)
     net = run.distribute(model, device, args.compile)
-    flops, autocast = train_flops(model), run.autocast(device)
+    # every FLOP of the step, the probe's too (logged TFLOP/s, MFU)
+    flops = train_flops(model) + (probe.flops(micro) if probe else 0)
+    autocast = run.autocast(device)
     sums, n_log, done, last, t0 = {}, 0, 0, None, time.time()
     t_run = t0
     model.train()

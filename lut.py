@@ -224,6 +224,14 @@ class LUT(nn.Module):
         return loss + self.alpha * bc, dict(mim=loss.detach(), bc=bc.detach())
 
 
+def compile_blocks(model):
+    """--compile beside SyncBatchNorm: each transformer block compiled in place, the heads eager
+    (SyncBN's all-gathers break a whole-model graph; one graph serves all blocks of a width)."""
+    teacher = model.teacher.encoder.blocks if model.alpha > 0 else []
+    for blk in [*model.encoder.blocks, *model.decoder_blocks, *teacher]:
+        blk.compile()
+
+
 def train_flops(model):
     """Analytic training FLOPs per image: 3x the student's forward (forward + backward) + 1x the
     no-grad teacher's forward. Heads: 2 linears of D x hidden each."""
@@ -375,10 +383,15 @@ def train(args):
               f"micro-batch of {micro} alone, so this is not one batch of --batch-size (raise "
               "--micro-batch or use more GPUs)")
     # §5.1: SyncBN in the heads (gloo has none: per-process BN)
-    if world > 1 and device.type == "cuda":
+    sync = world > 1 and device.type == "cuda" and args.alpha > 0
+    if sync:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    net = run.distribute(model, device, args.compile)
-    flops, autocast = train_flops(model), run.autocast(device)
+        if args.compile:
+            compile_blocks(model)
+    net = run.distribute(model, device, args.compile and not sync)
+    # every FLOP of the step, the probe's too (logged TFLOP/s, MFU)
+    flops = train_flops(model) + (probe.flops(micro) if probe else 0)
+    autocast = run.autocast(device)
     sums, n_log, done, last, t0 = {}, 0, 0, None, time.time()
     t_run = t0
     model.train()

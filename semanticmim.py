@@ -212,10 +212,11 @@ class SemanticMIM(nn.Module):
                 h = vanilla_layer(blk, h)
             return h, None, None
         B, N, D = x.shape
-        if mask.shape != (B, N) or (mask.sum(1) != self.n_mask).any():
-            raise ValueError(f"mask must be (B, N) = ({B}, {N}) with exactly {self.n_mask} masked "
-                             f"patches per row (--mask-ratio); got shape {tuple(mask.shape)}, "
-                             f"counts {mask.sum(1).unique().tolist()}")
+        if mask.shape != (B, N):
+            raise ValueError(f"mask must be (B, N) = ({B}, {N}); got {tuple(mask.shape)}")
+        # the count without a host sync or a graph break (a GPU raises it at the next sync)
+        torch._assert_async((mask.sum(1) == self.n_mask).all(), f"mask must have exactly "
+                            f"{self.n_mask} masked patches per row (--mask-ratio)")
         # visible first, then masked, each in patch order
         ids = mask.int().argsort(dim=1, stable=True)
         ids_keep, ids_mask = ids[:, :N - self.n_mask], ids[:, N - self.n_mask:]
@@ -338,7 +339,9 @@ def train(args):
                    f"{model.encoder.grid[0] * model.encoder.grid[1]} patches masked",
                    per_epoch, total, step)
     net = run.distribute(model, device, args.compile)
-    flops, autocast = model.train_flops(), run.autocast(device)
+    # every FLOP of the step, the probe's too (logged TFLOP/s, MFU)
+    flops = model.train_flops() + (probe.flops(micro) if probe else 0)
+    autocast = run.autocast(device)
     fig_img = figure_images(args, base, device)
     sums, n_log, done, t0 = {}, 0, 0, time.time()
     t_run = t0

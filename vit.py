@@ -287,19 +287,21 @@ def resize_pos_embed(pos, grid):
 
 # not encoder weights
 DROPPED = ("decoder", "head", "fc_norm", "mask_token", "projector", "predictor")
+# wrapper prefixes: DDP, torch.compile, DINO / other repos' model attributes
+PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.")
 
 
 def load_encoder(model, path_or_state):
     """Load an encoder checkpoint into `model` strictly: ours, or public MAE / DeiT / DINO in the
-    timm layout. Strips 'module.', 'backbone.', 'encoder.' and '_orig_mod.' prefixes, drops decoder
-    / head weights, folds a checkpoint's [cls] position into cls_token, resizes the position
-    embedding to the model's grid, and raises with the missing, unexpected and mis-shaped keys if
-    anything else differs."""
+    timm layout. Strips PREFIXES in any order, drops decoder / head weights, folds a checkpoint's
+    [cls] position into cls_token, resizes the position embedding to the model's grid, and raises
+    with the missing, unexpected and mis-shaped keys if anything else differs."""
     sd = read_state_dict(path_or_state) if isinstance(path_or_state, str) else path_or_state
     out = {}
     for k, v in sd.items():
-        for p in ("module.", "_orig_mod.", "backbone.", "encoder."):
-            k = k[len(p):] if k.startswith(p) else k
+        # wrappers nest in any order: DDP then compile gives '_orig_mod.module.'
+        while k.startswith(PREFIXES):
+            k = k.split(".", 1)[1]
         if not k.startswith(DROPPED):
             out[k] = v
     pos = out.get("pos_embed")

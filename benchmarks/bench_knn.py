@@ -29,6 +29,8 @@ if dev.type == "cuda":
     torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
 base, t0 = (torch.cuda.memory_allocated() if dev.type == "cuda" else rss() * 2**30), time.time()
 ap.knn_classify(q, bank, labels, 1000, chunk=args.chunk)
+if dev.type == "cuda":
+    torch.cuda.synchronize()  # the clock stops when the kernels finish, not when they launch
 peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else rss() * 2**30
 bank_gib = bank.numel() * 2 / 2**30
 print(f"kNN {args.queries} queries x bank {args.bank} x {args.dim} fp16 ({bank_gib:.3f} GiB), chunk {args.chunk}: "

@@ -143,8 +143,10 @@ def test_semanticmim_tokens_rejects_a_wrong_mask_count():
     mask[:, :m.n_mask] = True
     m.tokens(img, mask)  # the right count passes
     mask[1, m.n_mask] = True  # one extra masked patch in image 1
-    with pytest.raises(ValueError, match="exactly"):
+    with pytest.raises(RuntimeError, match="exactly 10 masked"):  # an async assert: no host sync
         m.tokens(img, mask)
+    with pytest.raises(ValueError, match="must be"):
+        m.tokens(img, mask[:, :15])
 
 
 def test_lut_warns_about_batchnorm_under_accumulation(tmp_path, capsys):

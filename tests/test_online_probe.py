@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import kamim
@@ -61,6 +63,34 @@ def test_pretraining_unchanged_by_the_probe(tmp_path, script, flags):
     assert torch.load(tmp_path / "no-online-probe" / "checkpoint.pt", weights_only=True)["probe"] is None
 
 
+@pytest.mark.parametrize("script,flags", SCRIPTS + [(lut, SCRIPTS[1][1] + ["--alpha", "0"])],
+                         ids=["kamim", "lut", "semanticmim", "mae"])
+def test_logged_flops_count_the_whole_step(tmp_path, script, flags):
+    # issue 26.1: the logged TFLOP/s / img/s is every FLOP one loop step does (method, LUT's
+    # teacher, the probe's forward and head), per image, as torch's FLOP counter sees the real step
+    flags = flags + ["--workers", "0", "--log-every", "1", "--max-steps", "1", "--epochs", "1",
+                     "--warmup-epochs", "0", "--out", str(tmp_path), "--online-probe-share", "1"]
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        script.main(flags)
+    r = [r for r in map(json.loads, open(tmp_path / "log.jsonl")) if "step" in r][0]
+    # the analytic count takes the patchify conv's backward as 2x its forward (no input gradient:
+    # 1x): about 1 % over
+    assert r["tflops"] * 1e12 / r["img_s"] == pytest.approx(fc.get_total_flops() / 8, rel=0.02)
+
+
+def test_probe_share_of_the_micro_batch():
+    enc = vit.vit("vit_demo", img_size=32)
+    probe = online_probe.OnlineProbe(enc, 4, share=1 / 16)
+    assert [probe.images(b) for b in (256, 8, 1)] == [16, 2, 1]  # at least 2 for BatchNorm
+    assert probe.flops(256) == pytest.approx((vit.vit_forward_flops(enc) + 6 * enc.dim * 4) / 16)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        probe.step(enc, torch.randn(32, 3, 32, 32), torch.arange(32) % 4)
+    assert fc.get_total_flops() == pytest.approx(32 * probe.flops(32), rel=1e-3)  # 2 of 32 images
+    args = argparse.Namespace(data=None, online_probe=None, online_probe_share=None, img_size=32,
+                              mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD)
+    assert online_probe.online_probe(args, enc, data.DemoShapes(), "cpu")[0].share == 1  # demo
+
+
 def test_probe_resumes_exactly_and_logs_held_out(tmp_path):
     flags = SCRIPTS[0][1] + ["--workers", "0", "--epochs", "1", "--warmup-epochs", "0"]
     kamim.main(flags + ["--out", str(tmp_path / "a"), "--max-steps", "4"])
@@ -78,7 +108,7 @@ def test_unlabelled_folder_builds_no_probe(tmp_path):
     for i in range(2):
         Image.new("RGB", (40, 40), (i * 200, 0, 0)).save(tmp_path / f"{i}.png")
     enc, ds = vit.vit("vit_demo", img_size=32), data.ImageFiles(str(tmp_path))
-    args = argparse.Namespace(data=str(tmp_path), online_probe=None, img_size=(32, 32), mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD)
+    args = argparse.Namespace(data=str(tmp_path), online_probe=None, online_probe_share=None, img_size=(32, 32), mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD)
     assert online_probe.online_probe(args, enc, ds, "cpu") == (None, None)  # default off: no head, no forward
     args.online_probe = True
     with pytest.raises(ValueError, match="needs labelled data"):

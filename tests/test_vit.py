@@ -154,6 +154,14 @@ def test_checkpoint_round_trip_and_mae_layout(tmp_path):
     assert torch.allclose(m3(x), m(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("wrap", ["_orig_mod.module.", "module._orig_mod.", "_orig_mod.module.encoder."])
+def test_load_encoder_strips_wrappers_in_any_order(wrap):
+    # DDP then torch.compile saves '_orig_mod.module.'-prefixed keys (issue 26.4)
+    m, fresh = small(), vit.vit("vit_demo", img_size=32)  # fresh: another init (seed moved on)
+    m2 = vit.load_encoder(fresh, {wrap + k: v for k, v in m.state_dict().items()})
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+
+
 def test_checkpoint_errors(tmp_path):
     torch.save(small().state_dict(), tmp_path / "demo.pt")
     with pytest.raises(ValueError, match="shape mismatch.*blocks.0.attn.qkv.weight"):

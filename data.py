@@ -423,11 +423,12 @@ def prefetch(batches, device):
     on a side stream (asynchronous from pinned memory) before batch n is handed out, so it overlaps
     batch n's compute; the compute stream waits for batch n's copy alone (its event), and
     record_stream keeps the allocator from reusing the memory while the compute stream still reads
-    it. On the CPU the same batches in the same order, moved (a no-op)."""
+    it. On the CPU the same batches in the same order, moved (a no-op). --decode device: a batch's
+    JpegBatch is decoded here as well (decoded), on the side stream too."""
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
-    ahead = None
+    ds, ahead = getattr(batches, "dataset", None), None
     for b in batches:
-        b = _copy_on(side, b, device)
+        b = _copy_on(side, b, device, ds)
         if ahead is not None:
             yield _ready(*ahead)
         ahead = b
@@ -435,12 +436,12 @@ def prefetch(batches, device):
         yield _ready(*ahead)
 
 
-def _copy_on(side, batch, device):
-    """(batch on device, the event its copy completes at; None off CUDA)."""
+def _copy_on(side, batch, device, ds=None):
+    """(batch on device and decoded, the event its copy and decode complete at; None off CUDA)."""
     if side is None:
-        return to_device(batch, device), None
+        return decoded(to_device(batch, device), device, ds), None
     with torch.cuda.stream(side):
-        batch, done = to_device(batch, device), torch.cuda.Event()
+        batch, done = decoded(to_device(batch, device), device, ds), torch.cuda.Event()
         done.record(side)
     return batch, done
 
@@ -562,6 +563,22 @@ def decode_views(batch, device, ds=None):
     whole = len(kept) == len(batch)  # the usual batch: an arange, no host-to-device copy to wait on
     return views, (torch.arange(len(batch), device=device) if whole
                    else torch.tensor(kept, device=device))
+
+
+class Decoded(tuple):
+    """(views, keep), decode_views' result, in a batch where prefetch decoded a JpegBatch."""
+
+
+def decoded(batch, device, ds=None):
+    """The (nested) batch with each JpegBatch decoded (Decoded). prefetch calls it on its side
+    stream: torchvision's CUDA decode_jpeg writes without waiting for the current stream, so on the
+    compute stream it could be handed blocks the step's queued kernels still read; the side
+    stream's pool holds none of those, and the decode overlaps the compute."""
+    if isinstance(batch, JpegBatch):
+        return Decoded(decode_views(batch, device, ds))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(decoded(b, device, ds) for b in batch)
+    return batch
 
 
 def decode_one(jpeg, device, ds=None):

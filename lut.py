@@ -401,9 +401,9 @@ def train(args):
         for g in opt.param_groups:
             g["lr"] = lr_now * g["lr_scale"]
         for i, (views, y) in enumerate(micro_batches):  # uint8
-            # --decode device (an undecodable image: left out, counted)
-            if isinstance(views, data.JpegBatch):
-                views, keep = data.decode_views(views, device, ds)
+            # --decode device: decoded in the prefetch (an undecodable image: left out, counted)
+            if isinstance(views, data.Decoded):
+                views, keep = views
                 y = y[keep]
                 views[0] = data.gray(views[0]) if args.in_chans == 1 else views[0]
             # masks, context augmentation: a pure function of the step; LUT's context view:

@@ -352,10 +352,10 @@ def train(args):
         for g in opt.param_groups:
             g["lr"] = lr_now * g["lr_scale"]
         for i, ((img, mask), y) in enumerate(micro_batches):
-            # --decode device (an undecodable image: left out, counted)
-            if isinstance(img, data.JpegBatch):
-                views, keep = data.decode_views(img, device, ds)
-                img, mask, y = views[0], mask[keep], y[keep]
+            # --decode device: decoded in the prefetch (an undecodable image: left out, counted)
+            if isinstance(img, data.Decoded):
+                (img, *_), keep = img
+                mask, y = mask[keep], y[keep]
                 img = data.gray(img) if args.in_chans == 1 else img
             img = data.normalize_batch(img, args.mean, args.std)  # uint8 from the loader
             with run.no_sync(net, i < accum - 1), autocast:

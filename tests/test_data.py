@@ -1,5 +1,6 @@
 """data.py: masks, keypoints, datasets and their failure modes, the loader, run plumbing."""
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -327,6 +328,28 @@ def test_prefetch_same_batches_same_order():
     plain = [b for _, _, bs in data.train_steps(dl, 2, 1) for b in bs]
     fetched = [b for _, _, bs in data.train_steps(dl, 2, 1, device=torch.device("cpu")) for b in bs]
     assert len(plain) == len(fetched) == 12 and all(torch.equal(a[0], b[0]) for a, b in zip(plain, fetched))
+
+
+def test_prefetch_decodes_jpegs_on_its_side_stream(monkeypatch):
+    # issue 26.2: CUDA decode_jpeg does not wait for the current stream; on the compute stream it
+    # could overwrite blocks the queued step still reads. prefetch decodes inside its side stream
+    # (CUDA's stream API faked: this machine has no GPU)
+    log, jpegs = [], data.JpegBatch(["a", "b"])
+
+    @contextlib.contextmanager
+    def stream(s):
+        log.append(f"enter {s}"), (yield), log.append(f"exit {s}")
+    event = type("Event", (), {"record": lambda self, s: log.append(f"record {s}")})
+    compute = type("Compute", (), {"wait_event": lambda self, e: log.append("wait")})()
+    for name, fake in [("Stream", lambda device: "side"), ("stream", stream), ("Event", event),
+                       ("current_stream", lambda: compute)]:
+        monkeypatch.setattr(torch.cuda, name, fake)
+    monkeypatch.setattr(data, "to_device", lambda b, device: b)
+    monkeypatch.setattr(data, "decode_views", lambda b, device, ds: (log.append(f"decode {b}"),
+                                                                     (["views"], "keep"))[1])
+    out = list(data.prefetch([(jpegs, "y")], torch.device("cuda")))
+    assert out == [(data.Decoded((["views"], "keep")), "y")] and isinstance(out[0][0], data.Decoded)
+    assert log == ["enter side", "decode ['a', 'b']", "record side", "exit side", "wait"]
 
 
 def test_persistent_workers_draw_each_epoch_and_resume():

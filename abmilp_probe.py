@@ -622,8 +622,8 @@ def parse_args(argv=None):
       "--cache-features)")
     a("--checkpoint", help="encoder checkpoint: ours ('encoder' key) or MAE / DeiT / DINO in the "
       "timm layout; absent: random init")
-    a("--model", help="vit_demo / vit_t / vit_s / vit_b / vit_l / vit_h (default vit_b; demo "
-      "vit_demo)")
+    a("--model", help="vit_demo / vit_t / vit_s / vit_b / vit_l / vit_h (default: the "
+      "checkpoint's, else vit_b; demo vit_demo)")
     a("--protocol", default="mae", choices=PROTOCOLS, help="preset of the flags below: mae (Beyond "
       "[cls] §5, MAE's probe; default), kamim (KAMIM App. A: block 8, avg, no norm, AdamW 5e-3, "
       "TrivialAugment + RandomErasing, MixUp / CutMix; code: clip 1.0, timm's cosine), semanticmim "
@@ -690,8 +690,9 @@ def parse_args(argv=None):
     run.shared_flags(p, out=None, micro_batch=1024, workers=min(8, os.cpu_count() or 1),
                      out_help="default runs/abmilp_probe/NAME, NAME the checkpoint's folder "
                      "(runs/kamim/checkpoint.pt -> kamim) or random_init; --pool all: one "
-                     "sub-folder per pool")
+                     "sub-folder per pool", in_chans=None)
     args = p.parse_args(argv)
+    run.encoder_flags(args)
     demo = args.data is None
     preset = dict(dict(lr_curve="fresh", warmup_lr=0.0, min_lr=0.0, clip_grad=0.0),
                   **PROTOCOLS[args.protocol], model="vit_demo" if demo else "vit_b",

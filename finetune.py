@@ -90,19 +90,6 @@ SEMANTICMIM_TABLE1 = {
     ("dvae", True): ("BEiT + Ours", 83.0, 82.9), ("dvae", False): ("BEiT", 81.9, 82.2)}
 
 
-def pretrain_args(path):
-    """The args a checkpoint stores (ours: a dict, incl. semanticmim.py's target and proxies;
-    MAE's a Namespace); {} without one. Memory-mapped: nothing but the args is read."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        # no file, an old-format or foreign file: build() reports what is wrong with it
-        return {}
-    a = ck.get("args") if isinstance(ck, dict) else None
-    return vars(a) if isinstance(a, argparse.Namespace) else a if isinstance(a, dict) else {}
-
-
 def paper_top1(args, pretrain):
     """The paper's number to print beside ours, or None. SemanticMIM: the Table 1 row of the
     checkpoint's stored target and proxies (none stored: the protocol's own row; a pixel target has
@@ -396,7 +383,8 @@ def parse_args(argv=None):
       "chance with them on 1.5k images); the rest is --protocol's)")
     a("--checkpoint", help="encoder checkpoint (ours incl. SemanticMIM's proxies, or MAE / DeiT / "
       "DINO timm layout); absent: from scratch (the DeiT-style baseline)")
-    a("--model", choices=list(vit.CONFIGS), help="encoder (default vit_b; demo vit_demo)")
+    a("--model", choices=list(vit.CONFIGS), help="encoder (default: the checkpoint's, else vit_b; "
+      "demo vit_demo)")
     a("--protocol", default="mae", choices=list(PROTOCOLS), help="preset: lut (Table D), mae "
       "(FINETUNE.md; default), kamim (§4.1 + released code), semanticmim (released "
       "maskfeat_cls_ft.py: MaskFeat + Ours, the row of our HOG target), semanticmim_beit "
@@ -477,8 +465,9 @@ def parse_args(argv=None):
     a("--eval-resize", choices=["crop", "full"], help="val: crop = resize img*256/224 + centre "
       "crop (MAE, LUT, configs); full = resize to img x img (kamim §4.1.1)")
     a("--img-size", type=data.image_size, help="224 (Table D, MAE, configs); kamim 192 (§4.1.1)")
-    run.shared_flags(p, out="runs/finetune", micro_batch=256)
+    run.shared_flags(p, out="runs/finetune", micro_batch=256, in_chans=None)
     args = p.parse_args(argv)
+    run.encoder_flags(args)
     args.model = args.model or ("vit_b" if args.data else "vit_demo")
     base = dict(min_lr=0.0, warmup_lr=0.0, lr_curve="fresh", clip_grad=0.0, decay_exclusions=True,
                 randaug=False, color_jitter=0.0, trivial=False, antialias=True, erase_fill="noise",
@@ -502,7 +491,7 @@ def parse_args(argv=None):
     args.fc_norm = (args.pool == "avg" and not args.final_norm if args.fc_norm is None
                     else args.fc_norm)
     # printed beside ours
-    args.paper = paper_top1(args, pretrain_args(args.checkpoint)) if args.data else None
+    args.paper = paper_top1(args, vit.checkpoint_args(args.checkpoint)) if args.data else None
     run.check_flags(p, args)
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         p.error(f"--checkpoint {args.checkpoint} does not exist")

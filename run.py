@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import vit
 
 
 # ---- processes ----
@@ -423,11 +424,11 @@ def number(kind, low=0, strict=True, high=None):
     return parse
 
 
-def shared_flags(p, out, micro_batch=None, log_every=20, workers=None, out_help=""):
+def shared_flags(p, out, micro_batch=None, log_every=20, workers=None, out_help="", in_chans=3):
     """The flags every script has, each with its own constraint."""
     a = p.add_argument
-    a("--in-chans", type=int, default=3, choices=[1, 3], help="image channels: 3 (RGB) or 1 "
-      "(images read as grayscale); as in pretraining for the probe and fine-tuning")
+    a("--in-chans", type=int, default=in_chans, choices=[1, 3], help="image channels: 3 (RGB) or 1 "
+      "(images read as grayscale)" + ("" if in_chans else "; default: the checkpoint's, else 3"))
     a("--mean", type=float, nargs="+", help="per-channel normalisation mean (default ImageNet's; "
       "one channel: its average)")
     a("--std", type=number(float), nargs="+", help="per-channel normalisation std (default "
@@ -450,6 +451,23 @@ def shared_flags(p, out, micro_batch=None, log_every=20, workers=None, out_help=
     a("--compile", action="store_true", help="torch.compile the model")
     a("--resume-anyway", action="store_true", help="resume --out's checkpoint even though flags "
       "that change the run differ")
+
+
+def encoder_flags(args):
+    """The probe's and fine-tuning's --model, --in-chans, --mean and --std, where the command leaves
+    them unset: the pretraining flags our checkpoint stores (a demo or ViT-S encoder needs none
+    repeated). Printed."""
+    saved = vit.checkpoint_args(args.checkpoint) if args.checkpoint else {}
+    same_chans = args.in_chans in (None, saved.get("in_chans"))  # else its mean / std do not fit
+    taken = {k: saved[k] for k in ("model", "in_chans", "mean", "std")
+             if getattr(args, k) is None and saved.get(k) is not None
+             and (same_chans or k in ("model", "in_chans"))}
+    if taken.get("model") not in vit.CONFIGS:  # MAE's Namespace: mae_vit_base_patch16
+        taken.pop("model", None)
+    vars(args).update(taken)
+    args.in_chans = args.in_chans or 3
+    if taken and int(os.environ.get("RANK", 0)) == 0:
+        print(f"from {args.checkpoint}:", "  ".join(f"{k}={v}" for k, v in taken.items()))
 
 
 def defaults(args, table):

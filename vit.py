@@ -271,6 +271,19 @@ def read_state_dict(path):
     return ckpt if key is None else ckpt[key]
 
 
+def checkpoint_args(path):
+    """The flags a checkpoint stores (ours: a dict, e.g. model, img_size, in_chans, mean, std and
+    semanticmim.py's target and proxies; MAE's: a Namespace); {} without any. Memory-mapped:
+    nothing but the args is read."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # no file, an old-format or foreign file: load_encoder says what is wrong
+        return {}
+    a = ck.get("args") if isinstance(ck, dict) else None
+    return vars(a) if isinstance(a, argparse.Namespace) else a if isinstance(a, dict) else {}
+
+
 def resize_pos_embed(pos, grid):
     """(1, n, D) patch position embedding on a square grid -> (1, gh * gw, D), bicubic (the usual
     way to fine-tune or probe at another resolution). Identity when the grid is the same."""

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import data
 import kamim
 import run
 
@@ -100,3 +101,22 @@ def test_float_flags_are_bounded(value, capsys):
     with pytest.raises(SystemExit):
         kamim.parse_args(["--lr", value])
     assert f"--lr {float(value)} is out of range" in capsys.readouterr().err
+
+
+def test_probe_and_finetune_take_the_encoder_flags_from_the_checkpoint(tmp_path, capsys):
+    # issue 24: a demo or ViT-L checkpoint on one's own data, with no --model / --in-chans / --mean
+    import abmilp_probe
+    import finetune
+    (tmp_path / "d" / "train").mkdir(parents=True), (tmp_path / "d" / "val").mkdir()
+    ck = str(tmp_path / "c.pt")
+    torch.save({"encoder": {}, "args": dict(model="vit_l", in_chans=1, mean=[0.5], std=[0.25])}, ck)
+    common = ["--checkpoint", ck, "--data", str(tmp_path / "d")]
+    for parse in (abmilp_probe.parse_args, finetune.parse_args):
+        a = parse(common)
+        assert (a.model, a.in_chans, list(a.mean), list(a.std)) == ("vit_l", 1, [0.5], [0.25])
+        assert "in_chans=1" in capsys.readouterr().out
+        a = parse(common + ["--model", "vit_b", "--in-chans", "3"])  # the command wins; RGB stats
+        assert (a.model, a.in_chans) == ("vit_b", 3) and list(a.mean) == list(data.IMAGENET_MEAN)
+    assert abmilp_probe.parse_args(common).epochs == 50  # before the presets: MAE's ViT-L recipe
+    torch.save({"model": {}, "args": argparse.Namespace(model="mae_vit_base_patch16")}, ck)
+    assert abmilp_probe.parse_args(common).model == "vit_b"  # MAE's names are not ours

@@ -1,11 +1,6 @@
-"""data.py: masks, keypoints, datasets and their failure modes, the loader, run plumbing."""
-import argparse
+"""data.py: the demo data, datasets and their failure modes, shared crops, seeding, the loader, prefetch."""
 import contextlib
-import json
-import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,60 +12,6 @@ from torchvision.transforms.v2 import functional as TF
 import data
 import lut
 import kamim
-import run
-
-
-@pytest.mark.parametrize("img,cell,patch,ratio", [(192, 32, 16, 0.6), (224, 32, 16, 0.5), (96, 16, 8, 0.6), (192, 32, 32, 0.3)])
-def test_simmim_mask_count(img, cell, patch, ratio):
-    m = kamim.simmim_mask(img, cell, patch, ratio)
-    g, k = img // cell, cell // patch
-    assert m.shape == (img // patch, img // patch)
-    assert m.sum() == math.ceil(ratio * g * g) * k * k  # count rounded up: 22 of 36 cells at the defaults
-    cells = m[::k, ::k]
-    assert torch.equal(cells.repeat_interleave(k, 0).repeat_interleave(k, 1), m)  # whole cells only
-    with pytest.raises(ValueError, match="must divide"):
-        kamim.simmim_mask(200, 32, 16)
-
-
-def test_simmim_mask_non_square():
-    m = kamim.simmim_mask((64, 96), 32, 16, 0.6)  # 2 x 3 cells, ceil(0.6 * 6) = 4 masked, each 2 x 2 tokens
-    assert m.shape == (4, 6) and m.sum() == 4 * 4
-    with pytest.raises(ValueError, match="must divide"):
-        kamim.simmim_mask((64, 80), 32, 16)
-
-
-def test_simmim_mask_differs_per_call():
-    torch.manual_seed(0)
-    assert not torch.equal(kamim.simmim_mask(), kamim.simmim_mask())
-
-
-@pytest.mark.parametrize("N,ratio", [(196, 0.75), (196, 0.6), (50, 0.33), (7, 0.5)])
-def test_random_masking(N, ratio):
-    ids_keep, ids_restore, mask = lut.random_masking(4, N, ratio)
-    assert (mask.sum(1) == int(ratio * N)).all()  # floor(rN) masked in every sample
-    assert torch.equal(torch.gather(mask, 1, ids_keep), torch.zeros_like(ids_keep, dtype=mask.dtype))  # 0 = kept
-    x = torch.arange(N).repeat(4, 1)
-    kept = torch.gather(x, 1, ids_keep)
-    rest = torch.cat([kept, -torch.ones(4, N - kept.shape[1], dtype=x.dtype)], 1)
-    unshuffled = torch.gather(rest, 1, ids_restore)  # the restore indices undo the shuffle
-    assert torch.equal(unshuffled[mask == 0], x[mask == 0]) and (unshuffled[mask == 1] == -1).all()
-
-
-def test_fast_finds_the_corners_of_a_square():
-    # a bright square, brightest at its corners: FAST's non-max suppression drops tied scores, so the
-    # square is shaded to give each corner pixel the unique best score
-    img = np.zeros((128, 128, 3), np.uint8)
-    ys, xs = np.mgrid[50:74, 40:64]
-    d = np.minimum(abs(ys - 50), abs(ys - 73)) + np.minimum(abs(xs - 40), abs(xs - 63))
-    img[50:74, 40:64] = (255 - 3 * d)[..., None]
-    F = kamim.keypoint_map(img, "fast")
-    assert F.dtype == np.uint8 and set(np.unique(F)) == {0, 1}
-    ys, xs = np.nonzero(F)
-    assert sorted(zip(ys.tolist(), xs.tolist())) == [(50, 40), (50, 63), (73, 40), (73, 63)]
-    for det in ("orb", "sift"):  # scale-space detectors: keypoints near the square's outline
-        ys, xs = np.nonzero(kamim.keypoint_map(img, det))
-        assert len(ys) > 0 and (ys >= 40).all() and (ys <= 83).all() and (xs >= 30).all() and (xs <= 73).all()
-    assert kamim.keypoint_map(np.full((32, 32, 3), 128, np.uint8)).sum() == 0  # flat image: none
 
 
 def test_demo_dataset_deterministic_labelled_and_has_keypoints():
@@ -193,39 +134,6 @@ def test_image_size_and_channels():
         assert torch.allclose(data.normalize_batch(u[None], m, s)[0], data.normalize(m, s)(img), atol=1e-5)
 
 
-def test_schedule_and_batch_split():
-    assert run.cosine(0, 100, 10, 1.0, start=0.1) == 0.1
-    assert run.cosine(5, 100, 10, 1.0) == 0.5 and run.cosine(10, 100, 10, 1.0) == 1.0
-    assert math.isclose(run.cosine(55, 100, 10, 1.0, final=0.2), 0.6) and run.cosine(100, 100, 10, 1.0, 0.2) == 0.2
-    assert run.batch_split(2048, 8, 256) == (256, 1)
-    assert run.batch_split(2048, 1, 256) == (256, 8)
-    assert run.batch_split(96, 1, 40) == (32, 3)
-    with pytest.raises(ValueError, match="not divisible"):
-        run.batch_split(10, 4, 8)
-
-
-def test_atomic_checkpoint(tmp_path):
-    assert run.load_checkpoint(str(tmp_path)) is None
-    run.save_checkpoint({"step": 3, "w": torch.ones(2), "rng": run.rng_state()}, str(tmp_path))
-    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temp file left behind
-    ck = run.load_checkpoint(str(tmp_path))
-    assert ck["step"] == 3 and torch.equal(ck["w"], torch.ones(2))
-    run.set_rng_state(ck["rng"])
-
-
-def test_torchrun_two_ranks_see_disjoint_data(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           os.path.join(root, "tests", "dist_ranks.py"), str(tmp_path)]
-    subprocess.run(cmd, check=True, cwd=root, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root})
-    r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1))
-    assert r0["world"] == r1["world"] == 2
-    assert len(r0["ids"]) == len(r1["ids"]) == 20 and not set(r0["ids"]) & set(r1["ids"])
-    assert r0["batches"] == 5
-    assert r0["draw"] == r0["expected"] and r1["draw"] != r0["draw"]  # rank 0 resumes exactly; rank 1 its own stream
-    assert r0["stopped"] and r1["stopped"]  # a nan on rank 1 alone stops both (it is in both ranks' weights)
-
-
 def test_train_steps_resume_mid_epoch():
     ds = data.Seeded(data.DemoShapes("train", size=20), lambda img: 0)
     dl = data.loader(ds, batch_size=2, workers=0)
@@ -234,45 +142,6 @@ def test_train_steps_resume_mid_epoch():
     assert [s for _, s, _ in full] == list(range(10)) and [e for e, _, _ in full] == [0] * 5 + [1] * 5
     assert idx(data.train_steps(dl, epochs=2, accum=2, start=3)) == full[3:]
     assert idx(data.train_steps(dl, epochs=2, accum=2, start=7)) == full[7:]
-
-
-def test_save_run_resume_check_finite(tmp_path):
-    class Net(torch.nn.Module):  # a pretraining wrapper: the encoder plus a head
-        def __init__(self):
-            super().__init__()
-            self.encoder, self.head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
-    net, out = Net(), str(tmp_path)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    net.head(net.encoder(torch.randn(5, 3))).sum().backward()
-    opt.step()
-    assert run.resume(out, Net(), opt) == 0  # nothing to resume: step 0, nothing touched
-    run.save_run(out, net, opt, 7, argparse.Namespace(lr=1e-3), encoder=net.encoder.state_dict(), probe=None)
-    ck = run.load_checkpoint(out)
-    assert set(ck) == {"model", "encoder", "optimizer", "step", "rng", "args", "probe", "method", "skips", "inputs"} and ck["args"] == {"lr": 1e-3}
-    assert set(ck["encoder"]) == {"weight", "bias"} and ck["step"] == 7
-    expected = torch.rand(3)  # what the RNG gives right after the save
-    net2 = Net()
-    opt2 = torch.optim.AdamW(net2.parameters(), lr=1e-3)
-    assert run.resume(out, net2, opt2) == 7
-    assert torch.equal(torch.rand(3), expected)  # RNG restored
-    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), net2.state_dict().values()))
-    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
-    run.check_finite(1.5, 3, out), run.check_finite(torch.tensor(2.0), 3, out)
-    for bad in (float("nan"), float("inf"), torch.tensor(float("-inf")), torch.tensor(float("nan"), dtype=torch.bfloat16)):
-        with pytest.raises(SystemExit, match=r"non-finite loss .* step 3: .*checkpoint\.pt \(step 7\) is the last good state"):
-            run.check_finite(bad, 3, out)
-
-
-def test_src_crop_is_pad_then_crop():
-    # the offset crop equals torchvision's RandomCrop(padding 4, reflect) + flip: same draws, same pixels, edges included
-    ref = lambda size: T.Compose([T.RandomCrop(size, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip(), T.PILToTensor()])
-    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 52, 3), dtype=np.uint8))
-    for img, size in ((rgb, (36, 36)), (rgb, (40, 48)), (rgb.convert("L"), (32, 44))):
-        for seed in range(40):  # 40 draws reach every edge of a 4-px margin
-            torch.manual_seed(seed)
-            a = lut.src_crop(img, size)
-            torch.manual_seed(seed)
-            assert torch.equal(a, ref(size)(img)), (img.mode, size, seed)
 
 
 def _three_augment_reference(x, q):

@@ -207,3 +207,44 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert w1["step"] == w2["step"] == 2
     for k in w1["model"]:
         assert torch.allclose(w1["model"][k].float(), w2["model"][k].float(), atol=5e-5, rtol=0), k
+
+
+@pytest.mark.parametrize("img,cell,patch,ratio", [(192, 32, 16, 0.6), (224, 32, 16, 0.5), (96, 16, 8, 0.6), (192, 32, 32, 0.3)])
+def test_simmim_mask_count(img, cell, patch, ratio):
+    m = kamim.simmim_mask(img, cell, patch, ratio)
+    g, k = img // cell, cell // patch
+    assert m.shape == (img // patch, img // patch)
+    assert m.sum() == math.ceil(ratio * g * g) * k * k  # count rounded up: 22 of 36 cells at the defaults
+    cells = m[::k, ::k]
+    assert torch.equal(cells.repeat_interleave(k, 0).repeat_interleave(k, 1), m)  # whole cells only
+    with pytest.raises(ValueError, match="must divide"):
+        kamim.simmim_mask(200, 32, 16)
+
+
+def test_simmim_mask_non_square():
+    m = kamim.simmim_mask((64, 96), 32, 16, 0.6)  # 2 x 3 cells, ceil(0.6 * 6) = 4 masked, each 2 x 2 tokens
+    assert m.shape == (4, 6) and m.sum() == 4 * 4
+    with pytest.raises(ValueError, match="must divide"):
+        kamim.simmim_mask((64, 80), 32, 16)
+
+
+def test_simmim_mask_differs_per_call():
+    torch.manual_seed(0)
+    assert not torch.equal(kamim.simmim_mask(), kamim.simmim_mask())
+
+
+def test_fast_finds_the_corners_of_a_square():
+    # a bright square, brightest at its corners: FAST's non-max suppression drops tied scores, so the
+    # square is shaded to give each corner pixel the unique best score
+    img = np.zeros((128, 128, 3), np.uint8)
+    ys, xs = np.mgrid[50:74, 40:64]
+    d = np.minimum(abs(ys - 50), abs(ys - 73)) + np.minimum(abs(xs - 40), abs(xs - 63))
+    img[50:74, 40:64] = (255 - 3 * d)[..., None]
+    F = kamim.keypoint_map(img, "fast")
+    assert F.dtype == np.uint8 and set(np.unique(F)) == {0, 1}
+    ys, xs = np.nonzero(F)
+    assert sorted(zip(ys.tolist(), xs.tolist())) == [(50, 40), (50, 63), (73, 40), (73, 63)]
+    for det in ("orb", "sift"):  # scale-space detectors: keypoints near the square's outline
+        ys, xs = np.nonzero(kamim.keypoint_map(img, det))
+        assert len(ys) > 0 and (ys >= 40).all() and (ys <= 83).all() and (xs >= 30).all() and (xs <= 73).all()
+    assert kamim.keypoint_map(np.full((32, 32, 3), 128, np.uint8)).sum() == 0  # flat image: none

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
 import data
 import lut
@@ -225,3 +226,27 @@ def test_device_decode_gives_the_worker_crops(tmp_path):
                 assert torch.equal(views[v][:exact], ref[:exact]), (crop, epoch, v)  # a and b: the same pixels
                 assert (views[v].float() - ref.float()).abs().mean() < 2.5, (crop, epoch, v)  # bicubic, q95 re-encode
     assert worker.skipped >= 1 and device.skipped >= 1
+
+
+@pytest.mark.parametrize("N,ratio", [(196, 0.75), (196, 0.6), (50, 0.33), (7, 0.5)])
+def test_random_masking(N, ratio):
+    ids_keep, ids_restore, mask = lut.random_masking(4, N, ratio)
+    assert (mask.sum(1) == int(ratio * N)).all()  # floor(rN) masked in every sample
+    assert torch.equal(torch.gather(mask, 1, ids_keep), torch.zeros_like(ids_keep, dtype=mask.dtype))  # 0 = kept
+    x = torch.arange(N).repeat(4, 1)
+    kept = torch.gather(x, 1, ids_keep)
+    rest = torch.cat([kept, -torch.ones(4, N - kept.shape[1], dtype=x.dtype)], 1)
+    unshuffled = torch.gather(rest, 1, ids_restore)  # the restore indices undo the shuffle
+    assert torch.equal(unshuffled[mask == 0], x[mask == 0]) and (unshuffled[mask == 1] == -1).all()
+
+
+def test_src_crop_is_pad_then_crop():
+    # the offset crop equals torchvision's RandomCrop(padding 4, reflect) + flip: same draws, same pixels, edges included
+    ref = lambda size: T.Compose([T.RandomCrop(size, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip(), T.PILToTensor()])
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 52, 3), dtype=np.uint8))
+    for img, size in ((rgb, (36, 36)), (rgb, (40, 48)), (rgb.convert("L"), (32, 44))):
+        for seed in range(40):  # 40 draws reach every edge of a 4-px margin
+            torch.manual_seed(seed)
+            a = lut.src_crop(img, size)
+            torch.manual_seed(seed)
+            assert torch.equal(a, ref(size)(img)), (img.mode, size, seed)

@@ -1,6 +1,11 @@
-"""run.py: the non-finite stop that guards every checkpoint, the shared flags' own constraints, evaluate's count."""
+"""run.py: schedules, the batch split, atomic checkpoints and resume, the non-finite stop, the shared flags, two ranks."""
 import argparse
 import json
+import math
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -120,3 +125,63 @@ def test_probe_and_finetune_take_the_encoder_flags_from_the_checkpoint(tmp_path,
     assert abmilp_probe.parse_args(common).epochs == 50  # before the presets: MAE's ViT-L recipe
     torch.save({"model": {}, "args": argparse.Namespace(model="mae_vit_base_patch16")}, ck)
     assert abmilp_probe.parse_args(common).model == "vit_b"  # MAE's names are not ours
+
+
+def test_schedule_and_batch_split():
+    assert run.cosine(0, 100, 10, 1.0, start=0.1) == 0.1
+    assert run.cosine(5, 100, 10, 1.0) == 0.5 and run.cosine(10, 100, 10, 1.0) == 1.0
+    assert math.isclose(run.cosine(55, 100, 10, 1.0, final=0.2), 0.6) and run.cosine(100, 100, 10, 1.0, 0.2) == 0.2
+    assert run.batch_split(2048, 8, 256) == (256, 1)
+    assert run.batch_split(2048, 1, 256) == (256, 8)
+    assert run.batch_split(96, 1, 40) == (32, 3)
+    with pytest.raises(ValueError, match="not divisible"):
+        run.batch_split(10, 4, 8)
+
+
+def test_atomic_checkpoint(tmp_path):
+    assert run.load_checkpoint(str(tmp_path)) is None
+    run.save_checkpoint({"step": 3, "w": torch.ones(2), "rng": run.rng_state()}, str(tmp_path))
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temp file left behind
+    ck = run.load_checkpoint(str(tmp_path))
+    assert ck["step"] == 3 and torch.equal(ck["w"], torch.ones(2))
+    run.set_rng_state(ck["rng"])
+
+
+def test_save_run_resume_check_finite(tmp_path):
+    class Net(torch.nn.Module):  # a pretraining wrapper: the encoder plus a head
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+    net, out = Net(), str(tmp_path)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net.head(net.encoder(torch.randn(5, 3))).sum().backward()
+    opt.step()
+    assert run.resume(out, Net(), opt) == 0  # nothing to resume: step 0, nothing touched
+    run.save_run(out, net, opt, 7, argparse.Namespace(lr=1e-3), encoder=net.encoder.state_dict(), probe=None)
+    ck = run.load_checkpoint(out)
+    assert set(ck) == {"model", "encoder", "optimizer", "step", "rng", "args", "probe", "method", "skips", "inputs"} and ck["args"] == {"lr": 1e-3}
+    assert set(ck["encoder"]) == {"weight", "bias"} and ck["step"] == 7
+    expected = torch.rand(3)  # what the RNG gives right after the save
+    net2 = Net()
+    opt2 = torch.optim.AdamW(net2.parameters(), lr=1e-3)
+    assert run.resume(out, net2, opt2) == 7
+    assert torch.equal(torch.rand(3), expected)  # RNG restored
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), net2.state_dict().values()))
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    run.check_finite(1.5, 3, out), run.check_finite(torch.tensor(2.0), 3, out)
+    for bad in (float("nan"), float("inf"), torch.tensor(float("-inf")), torch.tensor(float("nan"), dtype=torch.bfloat16)):
+        with pytest.raises(SystemExit, match=r"non-finite loss .* step 3: .*checkpoint\.pt \(step 7\) is the last good state"):
+            run.check_finite(bad, 3, out)
+
+
+def test_torchrun_two_ranks_see_disjoint_data(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           os.path.join(root, "tests", "dist_ranks.py"), str(tmp_path)]
+    subprocess.run(cmd, check=True, cwd=root, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root})
+    r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert len(r0["ids"]) == len(r1["ids"]) == 20 and not set(r0["ids"]) & set(r1["ids"])
+    assert r0["batches"] == 5
+    assert r0["draw"] == r0["expected"] and r1["draw"] != r0["draw"]  # rank 0 resumes exactly; rank 1 its own stream
+    assert r0["stopped"] and r1["stopped"]  # a nan on rank 1 alone stops both (it is in both ranks' weights)

@@ -1,4 +1,4 @@
-"""Run by test_data.py under `torchrun --nproc_per_node=2`: each rank writes the sample ids it saw, its first
+"""Run by test_run.py under `torchrun --nproc_per_node=2`: each rank writes the sample ids it saw, its first
 draws after resuming rank 0's RNG state, and whether a nan on rank 1 alone stopped it."""
 import json
 import sys

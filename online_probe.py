@@ -77,7 +77,7 @@ def add_flag(p):
     p.add_argument("--online-probe", action=argparse.BooleanOptionalAction,
                    help="BN + linear probe on the detached encoder (logs probe_top1; never changes "
                    "pretraining); default on when the data has class folders and in the demo")
-    p.add_argument("--online-probe-share", type=float, default=None,
+    p.add_argument("--online-probe-share", type=run.number(float, high=1), default=None,
                    help="share of each micro-batch the probe sees (default 1/16 with --data: its "
                    "forward then adds 2 %% of KAMIM's and SemanticMIM's step FLOPs at ViT-B, 4 %% "
                    "of MAE's, 2 %% of LUT's; 1 in the demo). Counted in the logged TFLOP/s and MFU")
@@ -108,8 +108,6 @@ def online_probe(args, encoder, ds, device):
     if share is None:
         share = 1.0 if args.data is None else 1 / 16
     args.online_probe_share = share
-    if not 0 < share <= 1:
-        raise ValueError(f"--online-probe-share must be in (0, 1] (got {share})")
     return OnlineProbe(encoder, len(classes), share=share), held
 
 

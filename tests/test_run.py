@@ -54,7 +54,8 @@ def test_a_run_that_steps_into_nan_keeps_its_last_good_checkpoint(tmp_path, monk
 @pytest.mark.parametrize("flags, message", [(["--epoch", "3"], "unrecognized arguments: --epoch"),
                                             (["--log-every", "0"], "--log-every: 0 must be > 0"),
                                             (["--workers", "-1"], "--workers: -1 must be >= 0"),
-                                            (["--std", "0.2", "0", "0.2"], "--std: 0 must be > 0")])
+                                            (["--std", "0.2", "0", "0.2"], "--std: 0 must be > 0"),
+                                            (["--online-probe-share", "1.5"], "1.5 must be > 0 and <= 1")])
 def test_shared_flags_refuse_abbreviations_and_bad_numbers(flags, message, capsys):
     with pytest.raises(SystemExit):
         kamim.parse_args(flags)

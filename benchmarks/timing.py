@@ -32,6 +32,8 @@ def parser(doc, model="vit_demo", img_size=64, batch_size=16, steps=3, warmup=1)
     p.add_argument("--warmup", type=int, default=warmup, help="untimed steps first; with --compile the first one "
                    "compiles (default %(default)s)")
     p.add_argument("--compile", action="store_true", help="torch.compile each model, as the scripts' --compile does")
+    p.add_argument("--cases", type=int, default=None, help="time only the first N cases (default "
+                   "all; 2 with --compile: one pair, fewer compiles)")
     return p
 
 
@@ -141,7 +143,7 @@ def run(cases, args, device, rounds=3):
     Prints HEADER and one row per case; returns {name: ms per step}."""
     cuda = device.type == "cuda"
     mem = torch.cuda.memory_allocated if cuda else (lambda: 0)
-    built = []
+    cases, built = cases[:getattr(args, "cases", None)], []
     for name, build in cases:
         before = mem()
         step, flops = build()

@@ -226,7 +226,7 @@ class LUT(nn.Module):
 
 def compile_blocks(model):
     """--compile beside SyncBatchNorm: each transformer block compiled in place, the heads eager
-    (SyncBN's all-gathers break a whole-model graph; one graph serves all blocks of a width)."""
+    (SyncBN's all-gathers break a whole-model graph; the blocks share Block.forward's graphs)."""
     teacher = model.teacher.encoder.blocks if model.alpha > 0 else []
     for blk in [*model.encoder.blocks, *model.decoder_blocks, *teacher]:
         blk.compile()

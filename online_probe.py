@@ -23,8 +23,7 @@ class OnlineProbe:
     BatchNorm): its forward costs share x one encoder forward per image. Under torchrun each rank
     trains its own copy on its batches (rank 0's is logged and saved)."""
     def __init__(self, encoder, num_classes, lr=1e-3, share=1.0):
-        self.share, self.num_classes = share, num_classes
-        self.forward_flops = vit.vit_forward_flops(encoder)
+        self.share, self.forward_flops = share, vit.vit_forward_flops(encoder)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             self.head = nn.Sequential(nn.BatchNorm1d(encoder.dim, affine=False),
@@ -48,8 +47,9 @@ class OnlineProbe:
     def flops(self, micro):
         """Its FLOPs per training image: the no-grad encoder forward and the head's forward and
         backward, on images(micro) of every micro images."""
-        return self.images(micro) / micro * (self.forward_flops + 3 * 2 * self.head[1].in_features
-                                              * self.num_classes)
+        fc = self.head[1]
+        return self.images(micro) / micro * (self.forward_flops
+                                              + 3 * 2 * fc.in_features * fc.out_features)
 
     def step(self, encoder, img, y):
         n = self.images(len(img))

@@ -272,9 +272,8 @@ def read_state_dict(path):
 
 
 def checkpoint_args(path):
-    """The flags a checkpoint stores (ours: a dict, e.g. model, img_size, in_chans, mean, std and
-    semanticmim.py's target and proxies; MAE's: a Namespace); {} without any. Memory-mapped:
-    nothing but the args is read."""
+    """The flags a checkpoint stores (ours: a dict, e.g. model, in_chans, mean, std, proxies; MAE's:
+    a Namespace); {} without any. Memory-mapped: nothing but the args is read."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -89,6 +89,8 @@ def test_probe_share_of_the_micro_batch():
     args = argparse.Namespace(data=None, online_probe=None, online_probe_share=None, img_size=32,
                               mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD)
     assert online_probe.online_probe(args, enc, data.DemoShapes(), "cpu")[0].share == 1  # demo
+    args.data, args.online_probe_share = "/no/val/here", None  # --data: 1/16
+    assert online_probe.online_probe(args, enc, data.DemoShapes(), "cpu")[0].share == 1 / 16
 
 
 def test_probe_resumes_exactly_and_logs_held_out(tmp_path):

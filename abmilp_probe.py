@@ -458,7 +458,7 @@ def train(args, cache=None):
             if rank == 0:
                 run.report(dict(epoch=epoch, step=step, **vals, lr=lr_now,
                                 **run.throughput(n_log * args.batch_size, dt, flops, device),
-                                eta=run.eta(total - step, dt / n_log), **data.skipped(train_ds)),
+                                eta=run.eta(total - step, dt / n_log), **run.skipped(train_ds)),
                            args.out)
             sums, n_log, t0 = {}, 0, time.time()
         if epoch_end or stop:  # the whole val set
@@ -471,7 +471,7 @@ def train(args, cache=None):
             # never save a bad state
             run.check_finite(sum(sums.values()), step, args.out, model, opt)
             # every process's unreadable files, on every rank (a collective)
-            data.share_skips(train_ds)
+            run.share_skips(train_ds)
             if rank == 0:
                 run.save_run(args.out, model, opt, step, args, train_ds,
                              result=result)

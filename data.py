@@ -8,7 +8,6 @@ import os
 import random
 import sys
 import warnings
-import zlib
 
 import cv2
 import numpy as np
@@ -76,13 +75,11 @@ def image_files(top):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Images under `root`: class sub-folders (class_folders) give labels (ImageNet layout, nested
-    files found too); a folder holding no images is not a class; a folder of images without
-    sub-folders is one unlabelled class (label 0), for pretraining. `classes`: the class map to use
-    (val takes train's, so a label means the same class in both). An unreadable file (truncated, not
-    an image) is skipped with a warning and counted once over the run (all workers, all epochs:
-    `bad`, one flag per file): the next file stands in for it, or with substitute=False (evaluation)
-    a black placeholder labelled -1 that every count leaves out."""
+    """Images under `root`, labelled by class sub-folder (nested files too; a folder without images
+    is no class); without sub-folders, one unlabelled class (label 0). `classes`: train's class map,
+    for val. An unreadable file is warned about and flagged once a run (`bad`, shared by the
+    workers); the next file stands in, or with substitute=False (evaluation) a black placeholder
+    labelled -1 that no count includes."""
     def __init__(self, root, labelled=False, classes=None, substitute=True):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data folder {root} does not exist")
@@ -113,10 +110,8 @@ class ImageFiles(torch.utils.data.Dataset):
         if not any(readable(p) for p in sample):
             raise ValueError(f"none of the {len(sample)} images sampled under {root} can be read, "
                              f"e.g. {sample[:3]}")
-        # one flag per file, all workers
         self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
-        # encoded (--decode device): samples are Jpeg
-        self.encoded, self.substitute = False, substitute
+        self.encoded, self.substitute = False, substitute  # encoded: samples are Jpegs
 
     @property
     def skipped(self):
@@ -140,8 +135,7 @@ class ImageFiles(torch.utils.data.Dataset):
         raise RuntimeError(f"100 unreadable images in a row from {path}: is the data folder right?")
 
     def unreadable(self, j, why):
-        """Flag file j as unreadable and say so, once a run (the workers' reads and the device's
-        decode alike)."""
+        """Flag file j as unreadable and warn, once a run (a worker's read or a device decode)."""
         if not self.bad[j]:
             self.bad[j] = True
             print(f"warning: skipping unreadable image {self.samples[j][0]} ({why}); "
@@ -149,13 +143,10 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 class DemoShapes(torch.utils.data.Dataset):
-    """The built-in demo dataset: procedurally drawn 128 x 128 images of 6 pattern classes (stripes
-    at 4 angles: | / - \\, checkers, dots) in two random colours, with a random period (10-20 px)
-    and phase, over pixel noise. Image i is a pure function of (split, i): no download, no files.
-    Colour and brightness, the strongest signals in the pixels, are random per image: the class is
-    in the pattern's structure, which an encoder has to learn (kNN: random init 33 %, the
-    SemanticMIM demo's 72 %; README, demo table). Checkers and dots have FAST corners, stripes few.
-    A smoke test, not a benchmark."""
+    """The demo dataset: 128 x 128 images of 6 pattern classes (stripes at 4 angles | / - \\,
+    checkers, dots) in two random colours, random period (10-20 px) and phase, over noise; image i
+    is a pure function of (split, i). The class is in the structure, not the colour (kNN: random
+    init 33 %). Checkers and dots have FAST corners, stripes few. A smoke test, not a benchmark."""
     classes = ["stripes_vertical", "stripes_rising", "stripes_horizontal", "stripes_falling",
                "checkers", "dots"]
 
@@ -187,11 +178,9 @@ class DemoShapes(torch.utils.data.Dataset):
 
 
 def dataset(data, split, labelled=False, classes=None, encoded=False):
-    """`--data PATH` -> PATH/split; None -> the demo. Unlabelled (pretraining): PATH itself when it
-    has no such sub-folder. Labelled (probes): PATH/train and PATH/val must both exist, never one
-    folder for both (that would measure on training images); `classes`: train's class map, for val.
-    encoded: samples are Jpegs. The val split never substitutes the next file for an unreadable one:
-    a placeholder labelled -1 instead."""
+    """`--data PATH` -> PATH/split (pretraining: PATH itself if it has none); None -> the demo.
+    Labelled (probes): PATH/train and PATH/val must both exist. `classes`: train's class map, for
+    val, which scores a placeholder (-1) for an unreadable file, never the next file."""
     if data is None:
         return DemoShapes(split, encoded=encoded)
     if not os.path.isdir(data):
@@ -205,56 +194,11 @@ def dataset(data, split, labelled=False, classes=None, encoded=False):
     return ds
 
 
-def skipped(ds):
-    """{"skipped": unreadable files so far in the run} for a log record, {} while none (or for the
-    demo)."""
-    n = int(getattr(getattr(ds, "base", ds), "skipped", 0))
-    return {"skipped": n} if n else {}
-
-
-def fingerprint(ds):
-    """{"train images": count, "train file list": CRC of the paths under the folder}: a resume stops
-    when images were added, removed or renamed since the checkpoint (the demo: its size)."""
-    base = getattr(ds, "base", ds)
-    paths = [os.path.relpath(p, base.root) for p, _ in getattr(base, "samples", [])]
-    return {"train images": len(base), "train file list": zlib.crc32("\n".join(paths).encode())}
-
-
-def skip_state(ds):
-    """This process's unreadable files so far (sample indices, all its workers), for a checkpoint;
-    restore_skips on resume. Under torchrun, share_skips first, so that rank 0's holds every
-    process's."""
-    bad = getattr(getattr(ds, "base", ds), "bad", None)
-    return [] if bad is None else bad.nonzero().flatten().tolist()
-
-
-def share_skips(ds):
-    """Flag on every rank the files any rank found unreadable, so `skipped` and skip_state count
-    them all. Under torchrun a collective: call it on every rank (as check_finite); alone, nothing
-    to do."""
-    if dist.is_initialized():
-        every = [None] * dist.get_world_size()
-        dist.all_gather_object(every, skip_state(ds))
-        restore_skips(ds, sorted(set().union(*every)))
-
-
-def restore_skips(ds, state):
-    """Flag the files skip_state saved, so `skipped` counts over the whole run and none is announced
-    again."""
-    base = getattr(ds, "base", ds)
-    if state and max(state) >= len(getattr(base, "bad", ())):
-        raise ValueError(f"the checkpoint's unreadable files reach sample {max(state)}; this "
-                         f"dataset holds {len(base)} images: is --data the run's?")
-    if state:
-        base.bad[state] = True
-
-
 # ---- normalisation and the shared crops (PIL in; what each returns is said) ----
 
 def image_size(size):
-    """--img-size: 192 or "192" -> (192, 192); "192x256" -> (height 192, width 256). Non-square
-    inputs work everywhere a size is taken here (both sides must divide by the patch, and the mask
-    cell where there is one)."""
+    """--img-size: 192 or "192" -> (192, 192); "192x256" -> (height 192, width 256); each side must
+    divide by the patch (and the mask cell, if any)."""
     if isinstance(size, (tuple, list)):
         return tuple(size)
     h, _, w = str(size).partition("x")
@@ -262,8 +206,8 @@ def image_size(size):
 
 
 def channel_stats(in_chans=3, mean=None, std=None):
-    """Per-channel (mean, std) for --in-chans: ImageNet's by default; with one channel (images read
-    as grayscale) the averages of ImageNet's. Given values must have in_chans entries."""
+    """Per-channel (mean, std) for --in-chans: ImageNet's by default, their averages for one channel
+    (grayscale)."""
     mean = mean or (IMAGENET_MEAN if in_chans == 3 else (sum(IMAGENET_MEAN) / 3,) * in_chans)
     std = std or (IMAGENET_STD if in_chans == 3 else (sum(IMAGENET_STD) / 3,) * in_chans)
     if len(mean) != in_chans or len(std) != in_chans:
@@ -280,9 +224,8 @@ def normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD):
 
 
 def to_uint8(in_chans=3):
-    """PIL -> uint8 tensor (C, H, W), what the pretraining loaders ship; normalize_batch finishes on
-    the GPU. A quarter of the bytes to collate, pin and copy, and ~0.25 ms less worker CPU per
-    192 px image (of ~4)."""
+    """PIL -> uint8 tensor (C, H, W), what the pretraining loaders ship (a quarter of the bytes);
+    normalize_batch finishes on the GPU."""
     return T.Compose(([T.Grayscale(1)] if in_chans == 1 else []) + [T.PILToTensor()])
 
 
@@ -302,17 +245,16 @@ def denormalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 
 
 def crop_flip(img_size=224, scale=(0.08, 1.0)):
-    """Random resized crop (bicubic) + horizontal flip: the linear probe's training crop (MAE, scale
-    (0.08, 1)) and SemanticMIM's pretraining one (scale (0.5, 1), App. E). Returns PIL."""
+    """Random resized crop (bicubic) + flip -> PIL: the linear probe's (MAE, scale (0.08, 1)) and
+    SemanticMIM's (scale (0.5, 1), App. E)."""
     return T.Compose([T.RandomResizedCrop(image_size(img_size), scale=scale,
                                           interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip()])
 
 
 def center_crop(img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, uint8=False):
-    """Evaluation: resize to img_size * 256 / 224 (bicubic; the longer side of a non-square size),
-    centre crop img_size -> normalised tensor, or with uint8 the uint8 tensor (normalize_batch
-    finishes on the device)."""
+    """Evaluation: resize to img_size * 256 / 224 (bicubic; a non-square size's longer side), centre
+    crop img_size -> normalised tensor (uint8: the uint8 tensor, for normalize_batch)."""
     size = image_size(img_size)
     return T.Compose([T.Resize(int(max(size) * 256 / 224),
                                interpolation=T.InterpolationMode.BICUBIC),
@@ -322,10 +264,9 @@ def center_crop(img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, uint8=False)
 # ---- loading ----
 
 class Seeded(torch.utils.data.Dataset):
-    """Applies `transform` (PIL -> anything) to `base` samples with the RNGs seeded from
-    (seed, epoch, i): the same sample is the same tensor whatever the worker count or resume point.
-    Indexed by i (at self.epoch) or by (epoch, i), as loader's sampler does: persistent workers hold
-    their own copy of self.epoch."""
+    """`transform` (PIL -> anything) of `base`'s samples with the RNGs seeded from (seed, epoch, i):
+    the same tensor whatever the worker count or resume point. Indexed by i (at self.epoch) or by
+    (epoch, i), as loader's sampler does (persistent workers hold their own self.epoch)."""
     def __init__(self, base, transform, seed=0):
         self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
 
@@ -347,10 +288,8 @@ class Seeded(torch.utils.data.Dataset):
 
 
 class Sampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler (one replica without torchrun) that can start mid-epoch: `skip` samples of
-    this rank's share are dropped, so a resumed run continues at the batch where it stopped. For a
-    Seeded dataset it yields (epoch, index): the workers can persist across epochs and still draw
-    each epoch's crops."""
+    """DistributedSampler that can start mid-epoch (`skip` samples of this rank's share dropped, for
+    a resume); for a Seeded dataset it yields (epoch, index), so workers persist across epochs."""
     skip = 0
 
     def __iter__(self):
@@ -367,9 +306,8 @@ def worker_init(_):
 
 
 def loader(ds, batch_size, train=True, workers=8, seed=0):
-    """Rank-sharded DataLoader over a Seeded dataset; drop_last and shuffling for training; workers
-    persist across epochs (the sampler hands them the epoch with each index). Call set_epoch(loader,
-    epoch, skip_batches) before iterating each epoch."""
+    """Rank-sharded DataLoader over a Seeded dataset (shuffled, drop_last for training); call
+    set_epoch(loader, epoch, skip_batches) before each epoch."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     sampler = Sampler(ds, num_replicas=world, rank=rank, shuffle=train, seed=seed, drop_last=train)
     return torch.utils.data.DataLoader(ds, batch_size, sampler=sampler, num_workers=workers,
@@ -384,19 +322,9 @@ def set_epoch(dl, epoch, skip_batches=0):
     dl.dataset.epoch = epoch
 
 
-def to_device(batch, device, non_blocking=True):
-    """Every tensor of a (nested) tuple / list batch to `device`."""
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=non_blocking)
-    return (type(batch)(to_device(b, device, non_blocking) for b in batch)
-            if isinstance(batch, (list, tuple)) else batch)
-
-
 def train_steps(dl, epochs, accum, start=0, device=None):
-    """Yield (epoch, step, [accum micro-batches]) for optimiser steps start ..
-    epochs * steps_per_epoch; each epoch re-seeds the sampler, and a run resumed at `start` skips
-    the batches already done. With a `device`, the batches arrive there, copied one batch ahead
-    (prefetch)."""
+    """Yield (epoch, step, [accum micro-batches]) for optimiser steps start .. the last, skipping
+    the batches a resumed run already did; with a `device`, the batches arrive there (prefetch)."""
     dl.sampler.skip = 0
     per_epoch = len(dl) // accum
     if per_epoch == 0:
@@ -419,12 +347,10 @@ def train_steps(dl, epochs, accum, start=0, device=None):
 # ---- prefetch: the next batch's copy on a side CUDA stream ----
 
 def prefetch(batches, device):
-    """Yield the batches of `batches` on `device`, one ahead: on CUDA batch n + 1's copy is queued
-    on a side stream (asynchronous from pinned memory) before batch n is handed out, so it overlaps
-    batch n's compute; the compute stream waits for batch n's copy alone (its event), and
-    record_stream keeps the allocator from reusing the memory while the compute stream still reads
-    it. On the CPU the same batches in the same order, moved (a no-op). --decode device: a batch's
-    JpegBatch is decoded here as well (decoded), on the side stream too."""
+    """Yield `batches` on `device`, one ahead: on CUDA batch n + 1's copy (and decode, --decode
+    device) is queued on a side stream before batch n is handed out, overlapping batch n's compute;
+    the compute stream waits on batch n's event alone, and record_stream keeps the allocator from
+    reusing its memory early. On the CPU: the same batches in the same order."""
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
     ds, ahead = getattr(batches, "dataset", None), None
     for b in batches:
@@ -439,11 +365,24 @@ def prefetch(batches, device):
 def _copy_on(side, batch, device, ds=None):
     """(batch on device and decoded, the event its copy and decode complete at; None off CUDA)."""
     if side is None:
-        return decoded(to_device(batch, device), device, ds), None
+        return to_device(batch, device, ds), None
     with torch.cuda.stream(side):
-        batch, done = decoded(to_device(batch, device), device, ds), torch.cuda.Event()
+        batch, done = to_device(batch, device, ds), torch.cuda.Event()
         done.record(side)
     return batch, done
+
+
+def to_device(batch, device, ds=None):
+    """Every tensor of a (nested) tuple / list batch to `device` (asynchronous from pinned memory),
+    each JpegBatch decoded there (Decoded). prefetch calls it on its side stream: CUDA decode_jpeg
+    does not wait for the current stream, so on the compute stream it could be handed blocks the
+    step's queued kernels still read; the side stream's pool holds none of those."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, JpegBatch):
+        return Decoded(decode_views(batch, device, ds))
+    return (type(batch)(to_device(b, device, ds) for b in batch)
+            if isinstance(batch, (list, tuple)) else batch)
 
 
 def _ready(batch, done):
@@ -461,16 +400,13 @@ def _tensors(batch):
     return [t for b in batch for t in _tensors(b)] if isinstance(batch, (list, tuple)) else []
 
 
-# ---- optional GPU JPEG decode (--decode device): the worker reads the file and draws the crop, the
-# device decodes ----
+# ---- --decode device: the worker reads the file and draws the crop, the GPU decodes ----
 
 class Jpeg:
-    """A JPEG's bytes (uint8 (n,) tensor) and its size (W, H), not decoded; after a view transform
-    also `views`, the crops to take (crop_spec rows); read from a file also its `path` and sample
-    `index` (for decode_views' skip). Files nvJPEG cannot take as they are (not JPEG, e.g. a PNG
-    named .JPEG; CMYK; 16-bit; an EXIF rotation, which decode_jpeg applies on the CPU only; no end
-    marker, i.e. truncated) are decoded here by read_image and re-encoded at quality 95: rare in
-    ImageNet, lossy for those few."""
+    """A JPEG's bytes (uint8 (n,) tensor) and size (W, H), undecoded; `views`: the crops to take
+    (crop_spec rows); `path`, `index`: its file and sample (for decode_views' skip). A file nvJPEG
+    cannot take as it is (a PNG named .JPEG, CMYK, 16-bit, EXIF-rotated, truncated) is decoded by
+    read_image and re-encoded at quality 95: rare in ImageNet, lossy for those few."""
     def __init__(self, data, size):
         self.data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         self.size, self.views = size, None
@@ -510,8 +446,7 @@ def rrc_spec(jpeg, img_size, scale, ratio=(3 / 4, 4 / 3)):
 
 
 class JpegBatch(list):
-    """The Jpegs of a batch: collate keeps them a list on the host (decode_jpeg takes host bytes);
-    to_device rebuilds it as a JpegBatch and moves nothing (a Jpeg is not a tensor)."""
+    """The Jpegs of a batch, a list on the host (decode_jpeg takes host bytes) until to_device."""
 
 
 def collate(samples):
@@ -524,10 +459,9 @@ def collate(samples):
 
 
 def crop_spec(img, spec):
-    """One view from a decoded uint8 (C, H, W) image by its row [rh, rw, top, left, h, w, out_h,
-    out_w, flip]: resize to rh x rw (bicubic, antialiased; skipped when equal), the h x w window at
-    (top, left), its out-of-image part reflected, resized to out_h x out_w (skipped when equal),
-    flipped."""
+    """One view of a decoded uint8 (C, H, W) image by its row [rh, rw, top, left, h, w, out_h,
+    out_w, flip]: resized to rh x rw (bicubic, antialiased), the h x w window at (top, left) (its
+    outside reflected), resized to out_h x out_w, flipped."""
     rh, rw, t, l, h, w, oh, ow, flip = spec
     bicubic = lambda x, size: v2.functional.resize(x, size, T.InterpolationMode.BICUBIC,
                                                    antialias=True)
@@ -540,12 +474,10 @@ def crop_spec(img, spec):
 
 
 def decode_views(batch, device, ds=None):
-    """A JpegBatch -> (views, keep): its views, each a uint8 (B', 3, H, W) batch on `device`, and
-    the positions (B',) on `device` of the images they hold, to take the batch's labels and masks
-    by. One batched decode_jpeg (nvJPEG on CUDA), then crop_spec per image and view. A batch nvJPEG
-    refuses is decoded image by image on the CPU, where an image that still fails (a damaged body
-    behind intact markers: the worker cannot tell) is left out, flagged in `ds` as the workers flag
-    theirs (once a run) and warned with its path."""
+    """A JpegBatch -> (views, keep): each view a uint8 (B', 3, H, W) batch on `device`; keep (B',):
+    the positions of the images they hold. One batched decode_jpeg (nvJPEG on CUDA), then crop_spec
+    per image and view; a batch nvJPEG refuses is decoded image by image on the CPU, and an image
+    that still fails (a damaged body behind intact markers) is left out and flagged in `ds`."""
     data, rgb = [j.data for j in batch], torchvision.io.ImageReadMode.RGB
     # torchvision 0.29 deprecates its image io (for TorchCodec); it still works
     with warnings.catch_warnings():
@@ -566,19 +498,7 @@ def decode_views(batch, device, ds=None):
 
 
 class Decoded(tuple):
-    """(views, keep), decode_views' result, in a batch where prefetch decoded a JpegBatch."""
-
-
-def decoded(batch, device, ds=None):
-    """The (nested) batch with each JpegBatch decoded (Decoded). prefetch calls it on its side
-    stream: torchvision's CUDA decode_jpeg writes without waiting for the current stream, so on the
-    compute stream it could be handed blocks the step's queued kernels still read; the side
-    stream's pool holds none of those, and the decode overlaps the compute."""
-    if isinstance(batch, JpegBatch):
-        return Decoded(decode_views(batch, device, ds))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(decoded(b, device, ds) for b in batch)
-    return batch
+    """(views, keep), decode_views' result, where to_device decoded a JpegBatch."""
 
 
 def decode_one(jpeg, device, ds=None):
@@ -597,8 +517,7 @@ def decode_one(jpeg, device, ds=None):
         return None
 
 
-# ---- colour augmentation on the device: the worker decodes and crops, the step does the rest (per
-# sample) ----
+# ---- colour augmentation per sample on the device: the worker decodes and crops ----
 
 def gray(x):
     """ITU-R 601 luma with torchvision's weights: (B, 3, H, W) -> (B, 1, H, W), any value scale."""
@@ -621,11 +540,10 @@ def adjust_hue(x, f):
 
 
 def color_jitter(x, factors, order):
-    """ColorJitter per sample: factors (B, 4) for brightness, contrast, saturation, hue
-    (identity 1, 1, 1, 0 for a sample left alone), order (B, 4) the sequence each sample takes them
-    in; each a blend as torchvision's. (B, 3, H, W) in [0, 1] -> same. At each of the 4 positions
-    every adjustment runs on the whole batch, with the identity where it is not that sample's: no
-    per-sample indexing, no host sync."""
+    """ColorJitter per sample, (B, 3, H, W) in [0, 1]: factors (B, 4) for brightness, contrast,
+    saturation, hue (identity 1, 1, 1, 0), order (B, 4) each sample's sequence; torchvision's
+    blends. Each of the 4 positions runs every adjustment on the whole batch (the identity where
+    not that sample's): no per-sample indexing, no host sync."""
     blend = lambda a, y, t: (t.view(-1, 1, 1, 1) * a + (1 - t.view(-1, 1, 1, 1)) * y).clamp(0, 1)
     identity = (torch.arange(4, device=x.device) < 3).to(factors)  # (1, 1, 1, 0)
     for k in range(4):
@@ -667,10 +585,9 @@ def three_augment_params(B, device=None, jitter=(0.4, 0.4, 0.2, 0.1), p=0.8):
 
 
 def three_augment(x, params=None):
-    """LUT's context view on top of SRC, per sample on the device: colour jitter (0.4, 0.4, 0.2,
-    0.1) with p 0.8, then exactly one of grayscale / solarize (threshold 128) / Gaussian blur 9 x 9
-    (DeiT III's 3-Augment). uint8 (B, 3, H, W) -> float (B, 3, H, W) in [0, 255], for
-    normalize_batch. params: three_augment_params' (drawn here by default)."""
+    """LUT's context view on top of SRC, per sample on the device (DeiT III's 3-Augment): colour
+    jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, then one of grayscale / solarize (128) / Gaussian blur
+    9 x 9. uint8 (B, 3, H, W) -> float in [0, 255]. params: three_augment_params' (or drawn)."""
     q = three_augment_params(x.shape[0], x.device) if params is None else params
     x = color_jitter(x.float() / 255, q["factors"], q["order"])
     pick = q["pick"].view(-1, 1, 1, 1)

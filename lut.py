@@ -441,13 +441,13 @@ def train(args):
                                 **online_probe.train_top1(probe), lr=lr_now,
                                 **({"ema": momentum} if args.alpha > 0 else {}),
                                 **run.throughput(n_log * args.batch_size, dt, flops, device),
-                                eta=run.eta(total - step, dt / n_log), **data.skipped(ds)),
+                                eta=run.eta(total - step, dt / n_log), **run.skipped(ds)),
                            args.out)
             sums, n_log, t0 = {}, 0, time.time()
         if step % args.save_every == 0 or epoch_end or stop:
             # never save a bad state
             run.check_finite(sum(sums.values()), step, args.out, model, opt)
-            data.share_skips(ds)  # every process's unreadable files, on every rank (a collective)
+            run.share_skips(ds)  # every process's unreadable files, on every rank (a collective)
             if rank == 0:
                 run.save_run(args.out, model, opt, step, args, ds,
                              encoder=model.encoder.state_dict(),

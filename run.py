@@ -3,12 +3,10 @@ checkpoints and auto-resume, the non-finite stop, the JSON-lines log and progres
 distributed evaluation, and the flags every script shares. Only functions: no Trainer, no callbacks,
 no hidden backward().
 
-The contract every script keeps:
-- `model(*batch) -> (loss, terms)`: a scalar to backpropagate and a dict of detached scalars to log;
-- `model.encoder` is a vit.ViT (what probes and fine-tuning load);
-- the checkpoint names its model class (`method`), so a run never resumes another script's
-  checkpoint;
-- the data hook (the Seeded transform) is picklable: loader workers receive it.
+The contract every script keeps: `model(*batch) -> (loss, terms)`, a scalar to backpropagate and a
+dict of detached scalars to log; `model.encoder` is a vit.ViT (what probes and fine-tuning load);
+the checkpoint names its model class (`method`: no run resumes another script's checkpoint); the
+data hook (the Seeded transform) is picklable (loader workers receive it).
 
 The loop. kamim.py's train() is the template a new method copies; every script's train() reads the
 same, line for line, in this order, except the lines marked as the method's: setup, batch split, lr,
@@ -54,8 +52,7 @@ def setup(seed=0):
 
 
 def batch_split(global_batch, world, max_per_gpu):
-    """The user states the GLOBAL batch; returns (per-GPU micro-batch, gradient-accumulation
-    steps)."""
+    """The GLOBAL batch -> (per-GPU micro-batch, gradient-accumulation steps)."""
     per_rank = global_batch // world
     if per_rank * world != global_batch:
         raise ValueError(f"global batch {global_batch} is not divisible by {world} processes")
@@ -75,8 +72,7 @@ def distribute(model, device, compile=False):
 
 
 def no_sync(net, accumulating):
-    """On a micro-batch that is not the step's last, skip DDP's gradient all-reduce (one per
-    step)."""
+    """Skip DDP's gradient all-reduce on a micro-batch that is not the step's last."""
     return net.no_sync() if accumulating and hasattr(net, "no_sync") else contextlib.nullcontext()
 
 
@@ -130,9 +126,49 @@ def set_rng_state(state, step=0):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# the training set in a checkpoint: its file list and the files found unreadable
+
+def skipped(ds):
+    """{"skipped": unreadable files so far in the run} for a log record; {} while none."""
+    n = int(getattr(getattr(ds, "base", ds), "skipped", 0))
+    return {"skipped": n} if n else {}
+
+
+def fingerprint(ds):
+    """{"train images": count, "train file list": CRC of the paths under the folder}: a resume stops
+    when images were added, removed or renamed since the checkpoint (the demo: its size)."""
+    base = getattr(ds, "base", ds)
+    paths = [os.path.relpath(p, base.root) for p, _ in getattr(base, "samples", [])]
+    return {"train images": len(base), "train file list": zlib.crc32("\n".join(paths).encode())}
+
+
+def skip_state(ds):
+    """This process's unreadable files (sample indices), for a checkpoint (share_skips first under
+    torchrun); restore_skips on resume."""
+    bad = getattr(getattr(ds, "base", ds), "bad", None)
+    return [] if bad is None else bad.nonzero().flatten().tolist()
+
+
+def share_skips(ds):
+    """Flag on every rank the files any rank found unreadable (a collective under torchrun)."""
+    if dist.is_initialized():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, skip_state(ds))
+        restore_skips(ds, sorted(set().union(*every)))
+
+
+def restore_skips(ds, state):
+    """Flag the files skip_state saved: `skipped` counts the whole run, none is announced again."""
+    base = getattr(ds, "base", ds)
+    if state and max(state) >= len(getattr(base, "bad", ())):
+        raise ValueError(f"the checkpoint's unreadable files reach sample {max(state)}; this "
+                         f"dataset holds {len(base)} images: is --data the run's?")
+    if state:
+        base.bad[state] = True
+
+
 def save_checkpoint(state, out_dir, name="checkpoint.pt"):
-    """Atomic: write a temp file, then os.replace, so a kill mid-write never corrupts the last good
-    one."""
+    """Atomic (a temp file, then os.replace): a kill mid-write leaves the last good one intact."""
     path = os.path.join(out_dir, name)
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -140,9 +176,8 @@ def save_checkpoint(state, out_dir, name="checkpoint.pt"):
 
 
 def load_checkpoint(out_dir, name="checkpoint.pt"):
-    """The checkpoint in out_dir to resume from (weights_only: no pickled code runs), or None. A
-    file that is not one (random bytes, a truncated copy) stops with its path and the fix, not an
-    unpickling error."""
+    """out_dir's checkpoint (weights_only: no pickled code runs), or None; a file that is not one
+    (random bytes, a truncated copy) stops with its path and the fix."""
     path = os.path.join(out_dir, name)
     if not os.path.exists(path):
         return None
@@ -159,10 +194,9 @@ EXTENDING = ("epochs", "save_every", "log_every", "workers", "max_steps", "compi
 
 
 def check_resume(saved, new, path):
-    """Auto-resume only the same run: flags that change its meaning (model, size, batch, method
-    flags, seed, data) and the inputs behind them (keys with a space: the training set's file
-    list, the --checkpoint file) stop with the differences and the two ways out; flags that only
-    extend the run are printed. saved, new: {name: value}."""
+    """Auto-resume only the same run: changed flags or inputs (keys with a space: the file list, the
+    --checkpoint file) stop with the differences and the two ways out; changed EXTENDING flags are
+    printed. saved, new: {name: value}."""
     same = lambda a, b: ((list(a) if isinstance(a, tuple) else a)
                          == (list(b) if isinstance(b, tuple) else b))
     diff = [k for k in sorted(set(saved) | set(new)) if not same(saved.get(k), new.get(k))]
@@ -179,10 +213,9 @@ def check_resume(saved, new, path):
 
 
 def inputs(ds, args):
-    """What a run reads besides its flags, for a resume to find again: the training set's image
-    count and file list (data.fingerprint) and the --checkpoint file it starts from (its size and a
-    CRC of its first and last MiB: a file replaced behind the same path)."""
-    out = {} if ds is None else data.fingerprint(ds)
+    """What a run reads besides its flags, for a resume to find again: the training set's
+    fingerprint and the --checkpoint file's size and CRC of its first and last MiB."""
+    out = {} if ds is None else fingerprint(ds)
     path = getattr(args, "checkpoint", None)
     if path:
         size = os.path.getsize(path)
@@ -194,10 +227,9 @@ def inputs(ds, args):
 
 
 def resume(out_dir, model, opt, probe=None, args=None, total=None, ds=None):
-    """Auto-resume from out_dir/checkpoint.pt if any: weights, optimiser, RNG (and the online
-    probe's head and optimiser if both have one; the training set's unreadable files, if `ds`),
-    after check_resume on `args`. Returns the step to go on from (0: none); a run already at `total`
-    says so (and trains nothing, so nothing is written)."""
+    """Auto-resume from out_dir/checkpoint.pt if any (after check_resume on `args`): weights,
+    optimiser, RNG, the online probe if both have one, `ds`'s unreadable files. Returns the step to
+    go on from (0: none); a run already at `total` says so."""
     ckpt, path = load_checkpoint(out_dir), os.path.join(out_dir, "checkpoint.pt")
     if ckpt is None:
         return 0
@@ -213,7 +245,7 @@ def resume(out_dir, model, opt, probe=None, args=None, total=None, ds=None):
     if probe is not None and ckpt.get("probe"):
         probe.load_state_dict(ckpt["probe"])
     if ds is not None:
-        data.restore_skips(ds, ckpt.get("skips", []))
+        restore_skips(ds, ckpt.get("skips", []))
     set_rng_state(ckpt["rng"], ckpt["step"])
     if total is not None and ckpt["step"] >= total:
         print(f"{path}: already finished at step {ckpt['step']} of {total}; nothing to do",
@@ -222,23 +254,19 @@ def resume(out_dir, model, opt, probe=None, args=None, total=None, ds=None):
 
 
 def save_run(out_dir, model, opt, step, args, ds=None, **extra):
-    """A checkpoint (call on rank 0): the unwrapped model's state, optimiser, step, RNG, vars(args),
-    the model's class (`method`: resume refuses another script's checkpoint), the training set's
-    unreadable files (`ds`: after data.share_skips, every rank's), its inputs (a resume must find
-    them again) and `extra` (pretraining: the encoder alone, what probes load, and the online
-    probe's state; fine-tuning: the best top-1)."""
+    """A checkpoint (rank 0): the unwrapped model, optimiser, step, RNG, vars(args), the model's
+    class (`method`), `ds`'s unreadable files (after share_skips) and inputs, and `extra`
+    (pretraining: the encoder alone, what probes load, and the online probe; finetune: top-1)."""
     return save_checkpoint(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step,
                                 rng=rng_state(), args=vars(args), method=type(model).__name__,
-                                skips=data.skip_state(ds) if ds is not None else [],
+                                skips=skip_state(ds) if ds is not None else [],
                                 inputs=inputs(ds, args), **extra), out_dir)
 
 
 def check_finite(loss, step, out_dir, model=None, opt=None):
     """Stop on a non-finite loss (float or 0-d tensor; syncs) before anything overwrites the last
     good checkpoint; with `model` (and `opt`) also on non-finite weights or optimiser state (a
-    finite loss can still step into NaN weights): a checkpoint never holds them. Under torchrun a
-    collective (call it on every rank): a nan on any rank, which the gradient all-reduce has already
-    spread into every rank's weights, stops them all."""
+    finite loss can still step into them). A collective: a nan on any rank stops all."""
     tensors = [] if model is None else [*model.parameters(), *model.buffers()]
     tensors += [] if opt is None else [t for s in opt.state.values() for t in s.values()
                                        if torch.is_tensor(t)]
@@ -277,9 +305,8 @@ def run_info(args, device):
 
 
 def banner(args, device, world, micro, accum, lr, per_epoch, total, step):
-    """The start banner (rank 0): every resolved flag, the batch split, the lr (text: how it was
-    scaled) and the step count; a fresh run's first log record (run_info), or a resumed run's
-    {"resume": step}: the steps logged between that checkpoint and a kill come again after it."""
+    """The start banner (rank 0): every resolved flag, the batch split, the lr and the step count;
+    the log's run_info record, or on a resume {"resume": step} (later steps are logged again)."""
     os.makedirs(args.out, exist_ok=True)
     print("args:", "  ".join(f"{k}={v}" for k, v in vars(args).items()))
     print(f"world {world}  global batch {args.batch_size} = {micro} x {accum} accumulation x "
@@ -331,8 +358,7 @@ def eta(steps_left, seconds_per_step):
 
 
 def report(record, out_dir):
-    """One progress line on stdout and the same record appended to out_dir/log.jsonl (call on
-    rank 0)."""
+    """One progress line on stdout, the same record appended to out_dir/log.jsonl (rank 0)."""
     print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                     for k, v in record.items()), flush=True)
     log_json(os.path.join(out_dir, "log.jsonl"), record)
@@ -454,9 +480,8 @@ def shared_flags(p, out, micro_batch=None, log_every=20, workers=None, out_help=
 
 
 def encoder_flags(args):
-    """The probe's and fine-tuning's --model, --in-chans, --mean and --std, where the command leaves
-    them unset: the pretraining flags our checkpoint stores (a demo or ViT-S encoder needs none
-    repeated). Printed."""
+    """The probe's and fine-tuning's --model, --in-chans, --mean and --std, where unset: the ones
+    our checkpoint stores (printed)."""
     saved = vit.checkpoint_args(args.checkpoint) if args.checkpoint else {}
     same_chans = args.in_chans in (None, saved.get("in_chans"))  # else its mean / std do not fit
     taken = {k: saved[k] for k in ("model", "in_chans", "mean", "std")

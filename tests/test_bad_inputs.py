@@ -116,7 +116,7 @@ def test_unreadable_folder_fails_early_and_skips_are_counted_over_the_run(tmp_pa
     ds = data.Seeded(data.ImageFiles(str(tmp_path / "mixed")), data.to_uint8())
     dl = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2)
     assert sum(len(x) for x, _ in dl) == 9
-    assert data.skipped(ds) == {"skipped": 3}  # all workers together, seen in the main process
+    assert run.skipped(ds) == {"skipped": 3}  # all workers together, seen in the main process
 
 
 def small_kamim(tmp_path, monkeypatch, *flags):

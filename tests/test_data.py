@@ -213,7 +213,6 @@ def test_prefetch_decodes_jpegs_on_its_side_stream(monkeypatch):
     for name, fake in [("Stream", lambda device: "side"), ("stream", stream), ("Event", event),
                        ("current_stream", lambda: compute)]:
         monkeypatch.setattr(torch.cuda, name, fake)
-    monkeypatch.setattr(data, "to_device", lambda b, device: b)
     monkeypatch.setattr(data, "decode_views", lambda b, device, ds: (log.append(f"decode {b}"),
                                                                      (["views"], "keep"))[1])
     out = list(data.prefetch([(jpegs, "y")], torch.device("cuda")))

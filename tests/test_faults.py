@@ -81,10 +81,10 @@ def test_device_decode_drops_a_damaged_jpeg_and_counts_it_once(tmp_path, capsys)
         out, keep = data.decode_views(batch, CPU, ds)
         assert keep.tolist() == [0, 1, 2, 4] and out[0].shape == (4, 3, 16, 16) and y[keep].tolist() == [0] * 4
     err = capsys.readouterr().err
-    assert err.count("2x.JPEG") == 1 and data.skipped(ds) == {"skipped": 1}  # once a run, however often it comes
+    assert err.count("2x.JPEG") == 1 and run.skipped(ds) == {"skipped": 1}  # once a run, however often it comes
     base.encoded = False
     assert np.array_equal(ds[(0, 3)][0], ds[(0, 4)][0])  # the worker path: the next file stands in, the same file counted
-    assert data.skipped(ds) == {"skipped": 1} and "2x.JPEG" not in capsys.readouterr().err
+    assert run.skipped(ds) == {"skipped": 1} and "2x.JPEG" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script", [semanticmim, lut])
@@ -172,7 +172,7 @@ def test_unreadable_val_images_are_never_replaced(tmp_path, capsys):
     args = argparse.Namespace(data=str(tmp_path), online_probe=None, img_size=32, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD)
     held = online_probe.online_probe(args, probe.encoder, train, CPU)[1]  # pretraining's held-out val batch
     assert len(held[1]) == 12 and held[1].min() == 0
-    assert data.skipped(val) == {"skipped": 2}
+    assert run.skipped(val) == {"skipped": 2}
 
 
 def test_two_processes_knn_with_fewer_val_images_and_their_skips_shared(tmp_path):
@@ -195,18 +195,18 @@ def test_skips_count_files_and_survive_a_resume(tmp_path, capsys):
     for epoch in range(2):
         ds.epoch = epoch
         assert sum(len(x) for x, _ in dl) == 8
-    assert data.skipped(ds) == {"skipped": 2}  # 2 files, not 4 events
-    state = data.skip_state(ds)
+    assert run.skipped(ds) == {"skipped": 2}  # 2 files, not 4 events
+    state = run.skip_state(ds)
     assert state == [i for i, (p, _) in enumerate(ds.base.samples) if p.endswith("x.JPEG")]
     buf = io.BytesIO()
     torch.save(dict(skips=state), buf)
     buf.seek(0)
     resumed = data.Seeded(data.dataset(str(tmp_path), "train"), data.to_uint8())
-    data.restore_skips(resumed, torch.load(buf, weights_only=True)["skips"])
-    assert data.skipped(resumed) == {"skipped": 2}
+    run.restore_skips(resumed, torch.load(buf, weights_only=True)["skips"])
+    assert run.skipped(resumed) == {"skipped": 2}
     capsys.readouterr()
     [resumed[i] for i in range(8)]
-    assert data.skipped(resumed) == {"skipped": 2} and "x.JPEG" not in capsys.readouterr().err  # said before the resume
-    assert data.skip_state(data.DemoShapes("train", 8)) == [] and data.skipped(data.DemoShapes("train", 8)) == {}
+    assert run.skipped(resumed) == {"skipped": 2} and "x.JPEG" not in capsys.readouterr().err  # said before the resume
+    assert run.skip_state(data.DemoShapes("train", 8)) == [] and run.skipped(data.DemoShapes("train", 8)) == {}
     with pytest.raises(ValueError, match="8 images"):
-        data.restore_skips(resumed, [8])
+        run.restore_skips(resumed, [8])

@@ -15,9 +15,7 @@ per-block statistics of §4 instead of training.
 """
 import argparse
 import json
-import math
 import os
-import shutil
 import time
 
 import torch
@@ -29,6 +27,7 @@ from torchvision.transforms import v2
 from torchvision.utils import save_image
 
 import data
+import probe_cache
 import run
 import vit
 
@@ -115,11 +114,10 @@ class LARS(torch.optim.Optimizer):
 # ---- the probe ----
 
 class Probe(nn.Module):
-    """Frozen encoder -> tokens of block `block` -> pool -> norm -> Linear. norm: "bn"
-    BatchNorm1d(affine=False) (MAE), "ln" LayerNorm without affine = SemanticMIM's released probe
-    (avg_featmap's fresh ln2, frozen), or "none" (KAMIM).
-    pool: "cls" (the prefix tokens; several are combined by proxy_pool), "avg" (mean of the patch
-    tokens) or "abmilp" (eq. 6; t is one Linear, or App. B.2's 2-layer MLP with tanh / relu)."""
+    """Frozen encoder -> tokens of block `block` -> pool -> norm -> Linear. head_norm "bn" (MAE),
+    "ln" (SemanticMIM's released probe: avg_featmap's fresh ln2, frozen) or "none" (KAMIM); pool
+    "cls" (the prefix tokens, combined by proxy_pool), "avg" (the patch tokens' mean) or "abmilp"
+    (eq. 6; t one Linear, or App. B.2's 2-layer MLP with tanh / relu)."""
     def __init__(self, encoder, num_classes, pool="abmilp", block=None, final_norm=False,
                  head_norm="bn", proxy_pool="mean", t="linear"):
         super().__init__()
@@ -148,8 +146,7 @@ class Probe(nn.Module):
 
     @torch.no_grad()
     def features(self, img):
-        """(B, C, H, W) -> (B, P + N, D) tokens after block `block`; the final LayerNorm only if
-        final_norm."""
+        """(B, C, H, W) -> tokens (B, P + N, D) after `block` (final LayerNorm if final_norm)."""
         return self.encoder(img, upto=self.block, norm=self.final_norm)
 
     def pooled(self, tokens):
@@ -175,8 +172,7 @@ class Probe(nn.Module):
         return loss, {"loss": loss.detach()}
 
     def state_dict(self, *args, prefix="", **kw):
-        """The head only: the frozen encoder is --checkpoint's (or a seeded random init), not saved
-        again."""
+        """The head only: not the frozen encoder (--checkpoint's, or a seeded random init)."""
         sd = super().state_dict(*args, prefix=prefix, **kw)
         for k in [k for k in sd if k.startswith(prefix + "encoder.")]:
             del sd[k]
@@ -202,8 +198,7 @@ def transforms(img_size, protocol="mae", mean=data.IMAGENET_MEAN, std=data.IMAGE
     centre crop. KAMIM's (App. A: its fine-tuning augmentation, as its code runs it on uint8):
     v2.Resize((img, img), antialias=False), TrivialAugmentWide, RandomErasing p 0.5 to black
     (§4.1.1: before normalisation); val the same resize. Its MixUp / CutMix acts on whole batches:
-    mix_batch. Out: uint8 (C, H, W), normalised on the device by `normalized` (a quarter of the
-    bytes to pin and copy)."""
+    mix_batch. Out: uint8 (C, H, W), normalised on the device by `normalized`."""
     u8, size = data.to_uint8(len(mean)), data.image_size(img_size)
     if protocol != "kamim":
         return (T.Compose([data.crop_flip(img_size), u8]),
@@ -221,128 +216,9 @@ def normalized(x, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD):
 
 def mix_batch(num_classes):
     """KAMIM App. A (released code: torchvision's, alpha 1): per batch, MixUp or CutMix with equal
-    probability. (x (B, C, H, W), y (B,)) -> (mixed x, soft labels (B, K)) for cross-entropy on
-    probabilities."""
+    probability. (x (B, C, H, W), y (B,)) -> (mixed x, soft labels (B, K))."""
     return v2.RandomChoice([v2.MixUp(alpha=1.0, num_classes=num_classes),
                             v2.CutMix(alpha=1.0, num_classes=num_classes)])
-
-
-# ---- the feature cache (--cache-features) ----
-# each rank holds the frozen tokens of its own images
-
-def cache_bytes(n, rows, D):
-    """A bf16 cache of n images x rows tokens x D. ImageNet train at ViT-B: all 197 tokens 361 GiB;
-    condensed (2 rows: [cls], patch mean) 3.7 GiB."""
-    return n * rows * D * 2
-
-
-def memory_budget(device):
-    """Bytes a cache may take in memory: 4/5 of the GPU's free memory (the rest for the head's
-    step), or on the CPU half the host's RAM over its processes. ImageNet's tokens at vit_b on 8
-    GPUs: 45 GiB each."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the allocator's idle blocks count as used in mem_get_info
-        return torch.cuda.mem_get_info(device)[0] * 4 // 5
-    return (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-            // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-
-
-def mapped(path, shape):
-    """An empty bf16 tensor memory-mapped from a new (sparse) file, unlinked at once: the mapping
-    keeps it until the process ends, even a killed one, and nothing is left under --out. A disk
-    that fills while it is written kills the process with a bus error and no word: first the
-    folder's free space is checked against this machine's shards."""
-    folder, procs = os.path.dirname(path) or ".", int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    os.makedirs(folder, exist_ok=True)
-    need, free = cache_bytes(*shape) * procs, shutil.disk_usage(folder).free
-    if need > free:
-        raise SystemExit(f"{folder} has {free:,} bytes free; the memory-mapped feature cache needs "
-                         f"{need:,} bytes ({need / 2**30:.2f} GiB, {procs} process(es)): free "
-                         "space there, give --out on a larger disk, or raise --cache-gib to hold "
-                         "it in memory")
-    t = torch.from_file(path, shared=True, size=math.prod(shape), dtype=torch.bfloat16).view(shape)
-    os.remove(path)
-    return t
-
-
-@torch.no_grad()
-def cache_features(model, dl, tokens, labels, device, mean, std, condensed=False):
-    """Fill this rank's shard: tokens (n_r, P + N, D) bf16 with the frozen tokens of dl's images, or
-    condensed (n_r, P + 1, D): the prefix tokens and the patch tokens' mean, all that cls / avg /
-    kNN read; labels (n_r,).
-    dl: data.loader(train=False), whose position k on rank r is image k * world + r; the sampler's
-    padding (the last position, k * world + r >= n) is cut: each image once over the ranks."""
-    P, k = model.encoder.num_prefix, 0
-    for x, y in dl:
-        b = min(len(y), len(tokens) - k)
-        if b <= 0:
-            break
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            t = model.features(normalized(x[:b].to(device), mean, std)).float()  # (b, P + N, D)
-        t = (torch.cat([t[:, :P], t[:, P:].mean(1, keepdim=True)], 1)  # (b, P + 1, D)
-             if condensed else t)
-        tokens[k:k + b], labels[k:k + b] = t.to(tokens.device, torch.bfloat16), y[:b]
-        k += b
-    return tokens, labels
-
-
-def cached(args, model, ds, split, cache, device):
-    """cache[split] = (tokens, labels), this rank's shard (images r, r + world, ...) built on first
-    use through the val transform by the loader's workers; its size is printed first. On the device
-    if it fits in --cache-gib (default memory_budget), else memory-mapped. cache["condensed"]
-    (P + 1 rows, not P + N): main's, or this probe's need."""
-    if split in cache:
-        return cache[split]
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    # a random init differs per rank (seed + rank); DDP broadcasts rank 0's, but only after this
-    if world > 1:
-        for t in model.encoder.state_dict().values():
-            dist.broadcast(t, 0)
-    enc, n, condensed = model.encoder, len(ds), cache.setdefault("condensed", args.pool != "abmilp")
-    if condensed and args.pool == "abmilp":
-        raise ValueError("AbMILP reads every patch token: its cache cannot be condensed")
-    shape = (len(range(rank, n, world)),
-             enc.num_prefix + (1 if condensed else enc.grid[0] * enc.grid[1]), enc.dim)
-    fits = cache_bytes(*shape) <= (memory_budget(device) if args.cache_gib is None
-                                   else args.cache_gib * 2**30)
-    path = os.path.join(args.out, f"cache_{split}.rank{rank}.bin")
-    if rank == 0:
-        print(f"caching {split}: {n:,} images x {shape[1]} x {shape[2]} bf16 "
-              f"{'condensed ' if condensed else ''}tokens = "
-              f"{cache_bytes(n, *shape[1:]) / 2**30:.2f} GiB, "
-              f"{cache_bytes(*shape) / 2**30:.2f} GiB per process, "
-              f"{'on ' + str(device) if fits else 'memory-mapped from ' + path}", flush=True)
-    tokens = (torch.empty(shape, dtype=torch.bfloat16, device=device) if fits
-              else mapped(path, shape))
-    labels = torch.empty(shape[0], dtype=torch.int64, device=tokens.device)
-    val_tf = transforms(args.img_size, args.protocol, args.mean, args.std)[1]
-    dl = data.loader(data.Seeded(ds, val_tf), args.micro_batch, train=False, workers=args.workers)
-    data.set_epoch(dl, 0)
-    cache[split] = cache_features(model, dl, tokens, labels, device, args.mean, args.std, condensed)
-    return cache[split]
-
-
-def cache_steps(tokens, labels, micro, accum, per_epoch, epochs, start=0, seed=0):
-    """data.train_steps over a cache shard, with no loader and no collate: each epoch one randperm
-    of this rank's rows, seeded by (seed, epoch, rank), cut into micro-batches that index the cache
-    where it lives; resumed at step `start`, the same batches (drawn on the CPU: the same wherever
-    the cache lives; ~50 ms an epoch for ImageNet).
-    Yields (epoch, step, accum x (tokens (micro, T, D), labels (micro,)), indexed as they are
-    used)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    for epoch in range(start // per_epoch, epochs):
-        g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_007 + rank)
-        perm = torch.randperm(len(tokens), generator=g).to(tokens.device)
-        for step in range(max(start, epoch * per_epoch), (epoch + 1) * per_epoch):
-            j = (step - epoch * per_epoch) * accum * micro
-            yield epoch, step, ((tokens[i], labels[i])
-                                for i in perm[j:j + accum * micro].split(micro))
-
-
-def shard_batches(tokens, labels, micro):
-    """A cache shard as evaluate's and knn's batches: micro-batch views in order (evaluate counts
-    position k of rank r as image k * world + r, as the shard holds it)."""
-    return [(tokens[i:i + micro], labels[i:i + micro]) for i in range(0, len(tokens), micro)]
 
 
 @torch.no_grad()
@@ -365,13 +241,11 @@ def save_scores(model, imgs, path, mean=data.IMAGENET_MEAN, std=data.IMAGENET_ST
 # ---- training ----
 
 def train(args, cache=None):
-    """Train one probe; returns (top-1, top-5) on val. `cache`: a dict shared between calls
-    (--cache-features)."""
+    """One probe -> (top-1, top-5) on val; `cache`: the dict all pools share (--cache-features)."""
     rank, world, device = run.setup(args.seed)
     # fails before any data
     encoder = vit.build_encoder(args.model, args.img_size, args.checkpoint, args.in_chans)
     train_ds = data.dataset(args.data, "train", labelled=True)
-    # one class map: train's
     val_ds = data.dataset(args.data, "val", labelled=True, classes=train_ds.classes)
     model = Probe(encoder, len(train_ds.classes), args.pool, args.block, args.final_norm,
                   args.head_norm, args.proxy_pool, args.abmilp_t).to(device)
@@ -379,11 +253,11 @@ def train(args, cache=None):
     lr = args.lr * args.batch_size / args.ref_batch
     train_tf, val_tf = transforms(args.img_size, args.protocol, args.mean, args.std)
     mix = mix_batch(len(train_ds.classes)) if args.mix else None
-    # this rank's shard of each split, served by cache_steps and shard_batches
     if args.cache_features:
         cache = {} if cache is None else cache
-        train_shard = cached(args, model, train_ds, "train", cache, device)
-        val_dl = shard_batches(*cached(args, model, val_ds, "val", cache, device), micro)
+        train_shard = probe_cache.cached(args, model, train_ds, val_tf, "train", cache, device)
+        val_shard = probe_cache.cached(args, model, val_ds, val_tf, "val", cache, device)
+        val_dl = probe_cache.shard_batches(*val_shard, micro)
     else:
         dl = data.loader(data.Seeded(train_ds, train_tf, args.seed), micro, train=True,
                          workers=args.workers, seed=args.seed)
@@ -394,7 +268,6 @@ def train(args, cache=None):
     if args.compile:
         model.encoder = torch.compile(model.encoder)
     head = [p for p in model.parameters() if p.requires_grad]
-    # MAE: no weight decay; LARS excludes biases from the trust ratio itself
     if args.optimizer == "lars":
         opt = LARS(head, weight_decay=args.weight_decay, momentum=args.momentum,
                    trust_coefficient=args.trust)
@@ -412,7 +285,6 @@ def train(args, cache=None):
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
     # the encoder is frozen: DDP all-reduces the head's gradients
     net = run.distribute(model, device)
-    # the head, optimiser, step, RNG
     step = run.resume(args.out, model, opt, args=args, total=total, ds=train_ds)
     if rank == 0:
         print(f"probe {args.pool}: {len(train_ds.classes)} classes, {count_params(model):,} "
@@ -426,7 +298,8 @@ def train(args, cache=None):
     sums, n_log, done, result, t0 = {}, 0, 0, None, time.time()
     t_run = t0
     model.train()
-    steps = (cache_steps(*train_shard, micro, accum, per_epoch, args.epochs, step, args.seed)
+    steps = (probe_cache.cache_steps(*train_shard, micro, accum, per_epoch, args.epochs, step,
+                                     args.seed)
              if args.cache_features else
              data.train_steps(dl, args.epochs, accum, step, device))  # prefetched
     for epoch, step, micro_batches in steps:
@@ -443,7 +316,6 @@ def train(args, cache=None):
                 (loss / accum).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v / accum
-        # KAMIM's code: 1.0; MAE's and SemanticMIM's probes: none
         if args.clip_grad:
             nn.utils.clip_grad_norm_(head, args.clip_grad)
         opt.step()
@@ -490,25 +362,24 @@ def train(args, cache=None):
 @torch.no_grad()
 def knn(args, cache):
     """--pool knn: every val image against every train image by knn_classify (k --knn-k,
-    T --knn-t), on the [cls] and on the average features of block --block (centre crops, or the
-    cached tokens). Each rank pools its share of each split; the shares are gathered (fp16) so
-    every rank holds the whole bank and classifies its own rows of val.
-    Returns {"knn_cls": (top-1, top-5), "knn_avg": (top-1, top-5)} in %."""
+    T --knn-t), on the [cls] and the average features of block --block (centre crops, or the cached
+    tokens). Each rank pools its share of each split, gathered (fp16) into the whole bank on every
+    rank, and classifies its own rows of val -> {"knn_cls": (top-1, top-5), "knn_avg": ...} in %."""
     rank, world, device = run.setup(args.seed)
     # a random init is the same on every rank (rank 0's, as in train())
     torch.manual_seed(args.seed)
     model = Probe(vit.build_encoder(args.model, args.img_size, args.checkpoint, args.in_chans),
                   1, "avg", args.block, args.final_norm).to(device)
     P, feats = model.encoder.num_prefix, {}
+    val_tf = transforms(args.img_size, args.protocol, args.mean, args.std)[1]
     for split in ("train", "val"):  # val numbered by train's class map
         ds = data.dataset(args.data, split, labelled=True, classes=feats.get("classes"))
         feats["classes"] = ds.classes
         # a shard with no image (fewer val images than processes): one empty batch
         if args.cache_features:
-            shard = cached(args, model, ds, split, cache, device)
-            dl = shard_batches(*shard, args.micro_batch) or [shard]
+            shard = probe_cache.cached(args, model, ds, val_tf, split, cache, device)
+            dl = probe_cache.shard_batches(*shard, args.micro_batch) or [shard]
         else:
-            val_tf = transforms(args.img_size, args.protocol, args.mean, args.std)[1]
             dl = data.loader(data.Seeded(ds, val_tf), args.micro_batch, train=False,
                              workers=args.workers)
             data.set_epoch(dl, 0)
@@ -520,14 +391,13 @@ def knn(args, cache):
                 t = model.features(x) if x.ndim == 4 else x.float()
             pooled = torch.stack([t[:, :P].mean(1), t[:, P:].mean(1)], 1).half()  # (B, 2, D)
             f.append(pooled), y.append(label.to(device))
-        # (n, 2, D), (n,) in dataset order
-        feats[split] = run.gather(torch.cat(f), len(ds)), run.gather(torch.cat(y), len(ds))
+        feats[split] = (probe_cache.gather(torch.cat(f), len(ds)),  # (n, 2, D), (n,)
+                       probe_cache.gather(torch.cat(y), len(ds)))
     (bank, bank_y), (val, val_y) = feats["train"], feats["val"]
     # an unreadable val file: a placeholder labelled -1, not scored
     results, scored = {}, int((val_y >= 0).sum())
     for j, name in enumerate(("knn_cls", "knn_avg")):
         hits = torch.zeros(2, device=device)
-        # rank r: rows r x 1024 ... in blocks of 1024
         for i in range(rank * 1024, len(val), world * 1024):
             votes = knn_classify(val[i:i + 1024, j], bank[:, j], bank_y, len(ds.classes),
                                  args.knn_k, args.knn_t)
@@ -547,8 +417,7 @@ def knn(args, cache):
 
 @torch.no_grad()
 def attention_statistics(args):
-    """§4 over the val split: the four statistics per block, averaged over heads and images
-    -> JSON + table."""
+    """§4 over val: the four statistics per block, mean over heads and images -> JSON + table."""
     rank, world, device = run.setup(args.seed)
     enc = (vit.build_encoder(args.model, args.img_size, args.checkpoint, args.in_chans)
            .to(device).eval())
@@ -592,18 +461,15 @@ PROTOCOLS = {
     "mae": dict(pool="abmilp", block=None, head_norm="bn", optimizer="lars", lr=0.1, ref_batch=256,
                 batch_size=16384, epochs=90, warmup_epochs=10, weight_decay=0.0, img_size=224),
     # KAMIM App. A (SimMIM's probe); where it is silent, its code: clip 1.0, decay on every
-    # parameter, timm's cosine from 2.5e-6 to a 2.5e-6 floor (and transforms' uint8 resize without
-    # antialiasing)
+    # parameter, timm's cosine from 2.5e-6 to a 2.5e-6 floor, transforms' uint8 resize
     "kamim": dict(pool="avg", block=8, head_norm="none", optimizer="adamw", lr=5e-3, ref_batch=2048,
                   batch_size=2048, epochs=100, warmup_epochs=10, weight_decay=0.05, img_size=192,
                   mix=True, clip_grad=1.0, lr_curve="timm", warmup_lr=2.5e-6, min_lr=2.5e-6),
-    # SemanticMIM §4.1 / Table 5 (BEiT's protocol); the norm before the head, unsaid: its released
-    # probe's LayerNorm
+    # SemanticMIM §4.1 / Table 5 (BEiT's protocol); the head's norm, unsaid: its code's LayerNorm
     "semanticmim": dict(pool="cls", block=7, head_norm="ln", optimizer="adamw", lr=4e-3,
                         ref_batch=1024, batch_size=1024, epochs=100, warmup_epochs=0,
                         weight_decay=1e-4, img_size=224),
-    # yyk-wew/SemanticMIM *_cls_linear_probing.py: the last block's patch mean, then a frozen fresh
-    # LayerNorm
+    # yyk-wew/SemanticMIM *_cls_linear_probing.py: the last block's patch mean, frozen fresh LN
     "semanticmim_code": dict(pool="avg", block=None, head_norm="ln", optimizer="adamw", lr=4e-3,
                              ref_batch=1024, batch_size=1024, epochs=100, warmup_epochs=0,
                              weight_decay=1e-4, img_size=224),
@@ -678,13 +544,7 @@ def parse_args(argv=None):
       "to img * 256/224, centre crop); HxW (e.g. 224x320) for a non-square input")
     a("--mix", action=argparse.BooleanOptionalAction, help="MixUp or CutMix per batch, alpha 1 "
       "(kamim preset; no cache)")
-    a("--cache-features", action=argparse.BooleanOptionalAction, help="compute the frozen tokens "
-      "of --block once (centre crop, no augmentation; bf16; each rank its own images) and train on "
-      "them: fast for sweeps (on in the demo). Without an abmilp pool only [cls] and the patch "
-      "mean are kept (ImageNet at vit_b: 3.7 GiB, not 361)")
-    a("--cache-gib", type=float, help="most GiB of cache per split and process held in memory (the "
-      "GPU's on CUDA); a larger one is memory-mapped from a file under --out (default: 4/5 of the "
-      "free GPU memory, half the host's RAM)")
+    probe_cache.add_flags(p)
     a("--attention-stats", action="store_true", help="§4: write the per-block attention statistics "
       "over val, no probe")
     run.shared_flags(p, out=None, micro_batch=1024, workers=min(8, os.cpu_count() or 1),

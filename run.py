@@ -376,19 +376,6 @@ def summary(out_dir, step, total, seconds):
 
 # ---- evaluation: top-1 / top-5 over the whole val set, each image once ----
 
-def gather(x, n):
-    """This rank's share (position k = image k * world + r; loader-padded, or a cache shard one
-    shorter) -> all n rows in dataset order on every rank: padded to the longest share, all_gather,
-    interleaved, the padding cut."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if world == 1:
-        return x[:n]
-    x = torch.cat([x, x.new_zeros(-(-n // world) - len(x), *x.shape[1:])])
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x)
-    return torch.stack(parts, 1).flatten(0, 1)[:n]
-
-
 @torch.no_grad()
 def evaluate(model, dl, device, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD, n=None):
     """Top-1 / top-5 (%) and the image count over the whole val set via model.logits (the probe's

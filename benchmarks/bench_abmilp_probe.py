@@ -11,6 +11,7 @@ import torch
 
 import timing  # first: it puts the repository on the path
 import abmilp_probe as ap  # noqa: E402
+import probe_cache  # noqa: E402
 import vit  # noqa: E402
 
 
@@ -37,8 +38,9 @@ def main():
     p.add_argument("--classes", type=int, default=1000, help="K, the classifier's outputs (ImageNet: 1000)")
     args, device = timing.setup(p)
     n, T, D = 1_281_167, 197, 768  # ImageNet train at vit_b, 224 px
-    print(f"ImageNet train cache at vit_b in bf16: all {T} tokens {ap.cache_bytes(n, T, D) / 2**30:.1f} GiB, condensed "
-          f"([cls], patch mean) {ap.cache_bytes(n, 2, D) / 2**30:.2f} GiB (fp32 tokens: {2 * ap.cache_bytes(n, T, D) / 2**30:.0f} GiB)")
+    full, condensed = (probe_cache.cache_bytes(n, rows, D) / 2**30 for rows in (T, 2))
+    print(f"ImageNet train cache at vit_b in bf16: all {T} tokens {full:.1f} GiB, condensed ([cls], patch mean) "
+          f"{condensed:.2f} GiB (fp32 tokens: {2 * full:.0f} GiB)")
     B = args.batch_size
     x = torch.randn(B, 3, args.img_size, args.img_size, device=device)
     y = torch.randint(0, args.classes, (B,), device=device)

@@ -7,6 +7,7 @@ import torch
 
 import abmilp_probe as ap
 import data
+import probe_cache
 import run
 import vit
 
@@ -16,9 +17,10 @@ enc = vit.vit("vit_demo", 32)
 torch.manual_seed(1)
 model = ap.Probe(enc, 6, "avg").to(device)  # the same head on both ranks
 args = ap.parse_args(["--img-size", "32", "--workers", "0", "--micro-batch", "2", "--out", out])
-tokens, labels = ap.cached(args, model, data.DemoShapes("val", 7), "val", {"condensed": False}, device)
-result = run.evaluate(model, ap.shard_batches(tokens, labels, 2), device, n=7)
-bank = run.gather(tokens, 7), run.gather(labels, 7)
+val_tf = ap.transforms(32)[1]
+tokens, labels = probe_cache.cached(args, model, data.DemoShapes("val", 7), val_tf, "val", {"condensed": False}, device)
+result = run.evaluate(model, probe_cache.shard_batches(tokens, labels, 2), device, n=7)
+bank = probe_cache.gather(tokens, 7), probe_cache.gather(labels, 7)
 data.dataset = lambda d, split, labelled=False, classes=None: data.DemoShapes(split, 7)
 ap.main(["--img-size", "32", "--pool", "all", "--cache-features", "--batch-size", "4", "--micro-batch", "2",
          "--max-steps", "2", "--workers", "0", "--out", f"{out}/probe"])  # destroys the process group

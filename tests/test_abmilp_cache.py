@@ -1,6 +1,7 @@
-"""abmilp_probe.py's feature cache (--cache-features) and uint8 image path: cached logits are the live ones with
-the tokens in bf16, the condensed cache pools as the full one, memory-mapped = in memory, batches served by
-cache_steps (each row once an epoch, exact resume), each image cached once over 2 ranks, uint8 = the float path."""
+"""probe_cache.py, abmilp_probe.py's feature cache (--cache-features), and the probe's uint8 image path: cached
+logits are the live ones with the tokens in bf16, the condensed cache pools as the full one, memory-mapped = in
+memory, batches served by cache_steps (each row once an epoch, exact resume), each image cached once over 2 ranks,
+uint8 = the float path."""
 import json
 import os
 import subprocess
@@ -12,12 +13,14 @@ from torchvision import transforms as T
 from torchvision.transforms import v2
 
 import abmilp_probe as ap
+import probe_cache
 import run
 import data
 import vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
+VAL = ap.transforms(32)[1]  # the probe's val transform at 32 px: what it caches through
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -30,19 +33,20 @@ def test_cached_logits_are_the_live_ones_in_bf16(tmp_path, capsys):
     enc, ds = vit.vit("vit_demo", 32), data.DemoShapes("val", 10)
     x = ap.normalized(torch.stack([ap.transforms(32)[1](ds[i][0]) for i in range(10)]))  # the live val images
     probes = {pool: ap.Probe(enc, 6, pool, block=3).eval() for pool in ("cls", "avg", "abmilp")}
-    full, labels = ap.cached(probe_args(tmp_path, "--block", "3"), probes["abmilp"], ds, "val", {"condensed": False}, CPU)
+    args = probe_args(tmp_path, "--block", "3")
+    full, labels = probe_cache.cached(args, probes["abmilp"], ds, VAL, "val", {"condensed": False}, CPU)
     assert full.dtype == torch.bfloat16 and full.shape == (10, 1 + 16, 128)
     assert labels.tolist() == [ds[i][1] for i in range(10)]
     live = probes["abmilp"].features(x)  # (10, 17, 128) fp32
     for pool, probe in probes.items():
         assert torch.equal(probe.logits(full), probe.logits(live.bfloat16())), pool  # the same rows, in order
         torch.testing.assert_close(probe.logits(full), probe.logits(x), rtol=0.01, atol=1e-3)  # bf16 vs fp32 (~5e-4 of ~0.1)
-    cond = ap.cached(probe_args(tmp_path, "--block", "3"), probes["cls"], ds, "val", {"condensed": True}, CPU)[0]
+    cond = probe_cache.cached(args, probes["cls"], ds, VAL, "val", {"condensed": True}, CPU)[0]
     assert cond.shape == (10, 2, 128)  # [cls], patch mean
     assert torch.equal(probes["cls"].pooled(cond.float())[0], probes["cls"].pooled(full.float())[0])
     torch.testing.assert_close(probes["avg"].pooled(cond.float())[0], live[:, 1:].mean(1), rtol=2**-8, atol=1e-6)
-    mm, mm_labels = ap.cached(probe_args(tmp_path, "--block", "3", "--cache-gib", "0"), probes["abmilp"], ds, "val",
-                              {"condensed": False}, CPU)
+    args = probe_args(tmp_path, "--block", "3", "--cache-gib", "0")
+    mm, mm_labels = probe_cache.cached(args, probes["abmilp"], ds, VAL, "val", {"condensed": False}, CPU)
     assert "10 images x 17 x 128 bf16 tokens" in capsys.readouterr().out
     assert mm.is_shared() and not full.is_shared() and not list(tmp_path.glob("cache_*"))  # mapped, file unlinked
     assert torch.equal(mm, full) and torch.equal(mm_labels, labels)
@@ -50,11 +54,12 @@ def test_cached_logits_are_the_live_ones_in_bf16(tmp_path, capsys):
 
 def test_cache_steps_each_row_once_an_epoch_and_resume():
     tokens, labels = torch.arange(20.0).view(20, 1, 1).bfloat16(), torch.arange(20)
-    for x, y in next(ap.cache_steps(tokens, labels, 3, 2, 3, 3))[2]:
+    for x, y in next(probe_cache.cache_steps(tokens, labels, 3, 2, 3, 3))[2]:
         assert x.shape == (3, 1, 1) and torch.equal(x.flatten().long(), y)  # tokens and labels indexed alike
 
     def run(start=0, seed=0):  # micro 3, accum 2, 3 steps an epoch, 3 epochs: 18 of 20 rows an epoch
-        return [(e, s, [y.tolist() for _, y in mb]) for e, s, mb in ap.cache_steps(tokens, labels, 3, 2, 3, 3, start, seed)]
+        steps = probe_cache.cache_steps(tokens, labels, 3, 2, 3, 3, start, seed)
+        return [(e, s, [y.tolist() for _, y in mb]) for e, s, mb in steps]
     full = run()
     assert [(e, s) for e, s, _ in full] == [(s // 3, s) for s in range(9)]
     epochs = [sum((sum(mb, []) for e, _, mb in full if e == k), []) for k in range(3)]
@@ -107,8 +112,8 @@ def test_two_ranks_cache_each_image_once(tmp_path, monkeypatch):
     torch.manual_seed(1)
     model = ap.Probe(enc, 6, "avg")
     args = probe_args(tmp_path / "one", "--micro-batch", "2")
-    tokens, labels = ap.cached(args, model, data.DemoShapes("val", 7), "val", {"condensed": False}, CPU)
-    one = run.evaluate(model, ap.shard_batches(tokens, labels, 2), CPU, n=7)
+    tokens, labels = probe_cache.cached(args, model, data.DemoShapes("val", 7), VAL, "val", {"condensed": False}, CPU)
+    one = run.evaluate(model, probe_cache.shard_batches(tokens, labels, 2), CPU, n=7)
     ranks = [torch.load(tmp_path / f"rank{k}.pt", weights_only=True) for k in range(2)]
     assert [len(o["labels"]) for o in ranks] == [4, 3]  # 7 images, each once: the sampler's padding cut
     for k, o in enumerate(ranks):

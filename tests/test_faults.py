@@ -28,6 +28,7 @@ import abmilp_probe as ap
 import data
 import lut
 import online_probe
+import probe_cache
 import run
 import semanticmim
 import vit
@@ -110,12 +111,13 @@ def test_memory_mapped_cache_checks_the_disk_first(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model, ds = ap.Probe(vit.vit("vit_demo", 32), 6, "avg"), data.DemoShapes("val", 10)
     args = ap.parse_args(["--img-size", "32", "--workers", "0", "--cache-gib", "0", "--out", str(tmp_path / "o")])
+    val_tf = ap.transforms(32)[1]
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10 * 17 * 128 * 2 - 1))
     with pytest.raises(SystemExit, match=f"{tmp_path / 'o'}.* 43,520 bytes"):  # 10 images x 17 tokens x 128 bf16
-        ap.cached(args, model, ds, "val", {"condensed": False}, CPU)
+        probe_cache.cached(args, model, ds, val_tf, "val", {"condensed": False}, CPU)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10 * 17 * 128 * 2))
-    assert ap.cached(args, model, ds, "val", {"condensed": False}, CPU)[0].shape == (10, 17, 128)
+    assert probe_cache.cached(args, model, ds, val_tf, "val", {"condensed": False}, CPU)[0].shape == (10, 17, 128)
 
 
 def test_a_link_back_into_the_tree_is_not_a_class(tmp_path, capsys):
@@ -157,8 +159,8 @@ def test_unreadable_val_images_are_never_replaced(tmp_path, capsys):
     data.set_epoch(dl, 0)
     assert run.evaluate(probe, dl, CPU)[2] == 12
     args = ap.parse_args(["--img-size", "32", "--workers", "0", "--out", str(tmp_path / "c")])
-    shard = ap.cached(args, probe, val, "val", {"condensed": True}, CPU)
-    assert run.evaluate(probe, ap.shard_batches(*shard, 4), CPU, n=14)[2] == 12
+    shard = probe_cache.cached(args, probe, val, ap.transforms(32)[1], "val", {"condensed": True}, CPU)
+    assert run.evaluate(probe, probe_cache.shard_batches(*shard, 4), CPU, n=14)[2] == 12
     common = ["--data", str(tmp_path), "--model", "vit_demo", "--img-size", "32", "--workers", "0", "--batch-size", "8",
               "--epochs", "1", "--warmup-epochs", "0"]
     for pool, cache in (("knn", "--no-cache-features"), ("knn", "--cache-features"), ("avg", "--cache-features")):

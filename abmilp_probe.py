@@ -66,10 +66,8 @@ def attention_stats(attn, P=1):
 def knn_classify(query, bank, bank_labels, num_classes, k=20, T=0.07, chunk=65536):
     # DINO's weighted kNN (eval_knn.py): cosine similarity to every bank feature, the k nearest vote
     # for their class with weight exp(sim / T). query (Q, D), bank (M, D) any dtype, labels (M,) ->
-    # class votes (Q, K).
-    """The bank is read `chunk` rows at a time and only the running top-k is kept: memory
-    Q x (chunk + k), never Q x M (ImageNet: 1.28 M x 768 fp16 = 1.9 GiB bank, one 65536-row chunk
-    ~0.1 GiB in fp32 beside it)."""
+    # class votes (Q, K). The bank is read `chunk` rows at a time, keeping the running top-k:
+    # memory Q x (chunk + k), never Q x M (ImageNet's 1.9 GiB fp16 bank: 0.1 GiB chunks).
     q = F.normalize(query.float(), dim=1)
     sims, labels = q.new_empty(len(q), 0), bank_labels.new_empty(len(q), 0)
     for i in range(0, len(bank), chunk):
@@ -162,8 +160,7 @@ class Probe(nn.Module):
                 "concat": cls.flatten(1)}[self.proxy_pool], None
 
     def logits(self, x):
-        """Normalised images (B, C, H, W) or cached tokens (B, P + N or P + 1, D; bf16)
-        -> (B, K)."""
+        """Normalised images (B, C, H, W) or cached tokens (B, P + N or P + 1, D) -> (B, K)."""
         tokens = self.features(x) if x.ndim == 4 else x.float()
         return self.fc(self.norm(self.pooled(tokens)[0].float()))
 
@@ -194,11 +191,10 @@ def count_params(model):
 # ---- data hook ----
 
 def transforms(img_size, protocol="mae", mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD):
-    """MAE's probe: train RandomResizedCrop scale (0.08, 1) bicubic + flip; val resize 256/224 x,
-    centre crop. KAMIM's (App. A: its fine-tuning augmentation, as its code runs it on uint8):
-    v2.Resize((img, img), antialias=False), TrivialAugmentWide, RandomErasing p 0.5 to black
-    (§4.1.1: before normalisation); val the same resize. Its MixUp / CutMix acts on whole batches:
-    mix_batch. Out: uint8 (C, H, W), normalised on the device by `normalized`."""
+    """(train, val): PIL -> uint8 (C, H, W), normalised on device. MAE's probe: RandomResizedCrop
+    (0.08, 1) bicubic + flip; val resize 256/224 x, centre crop. KAMIM's (App. A, its fine-tuning
+    augmentation, on uint8 as its code): v2.Resize((img, img), antialias=False), TrivialAugmentWide,
+    RandomErasing p 0.5 to black (§4.1.1); val the same resize; MixUp / CutMix: mix_batch."""
     u8, size = data.to_uint8(len(mean)), data.image_size(img_size)
     if protocol != "kamim":
         return (T.Compose([data.crop_flip(img_size), u8]),
@@ -223,9 +219,8 @@ def mix_batch(num_classes):
 
 @torch.no_grad()
 def save_scores(model, imgs, path, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD):
-    """Fig. 8: which patches the pooling selects. Top row the images, bottom row the images weighted
-    by the patch scores (AbMILP's s; for cls / avg the head-mean [cls] attention of the probed
-    block, Table 4)."""
+    """Fig. 8: the images, and below them weighted by the patch scores (AbMILP's s; for cls / avg
+    the head-mean [cls] attention of the probed block, Table 4)."""
     model.eval()
     enc, P = model.encoder, model.encoder.num_prefix
     tokens, attns = enc(imgs, upto=model.block, norm=model.final_norm, return_attn=True)
@@ -283,8 +278,7 @@ def train(args, cache=None):
         raise ValueError(f"{len(train_ds)} images give no full step of {accum} x {micro} "
                          "per process")
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
-    # the encoder is frozen: DDP all-reduces the head's gradients
-    net = run.distribute(model, device)
+    net = run.distribute(model, device)  # the encoder is frozen: DDP syncs the head's gradients
     step = run.resume(args.out, model, opt, args=args, total=total, ds=train_ds)
     if rank == 0:
         print(f"probe {args.pool}: {len(train_ds.classes)} classes, {count_params(model):,} "
@@ -294,7 +288,7 @@ def train(args, cache=None):
                    per_epoch, total, step)
     # forward: frozen
     flops = 0 if args.cache_features else vit.vit_forward_flops(encoder, upto=args.block)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    autocast = run.autocast(device)
     sums, n_log, done, result, t0 = {}, 0, 0, None, time.time()
     t_run = t0
     model.train()
@@ -337,16 +331,13 @@ def train(args, cache=None):
             result = run.evaluate(model, val_dl, device, args.mean, args.std, len(val_ds))
             if rank == 0:
                 run.report(dict(epoch=epoch, step=step, pool=args.pool, top1=result[0],
-                                top5=result[1], images=result[2]),
-                           args.out)
+                                top5=result[1], images=result[2]), args.out)
         if step % args.save_every == 0 or epoch_end or stop:
             # never save a bad state
             run.check_finite(sum(sums.values()), step, args.out, model, opt)
-            # every process's unreadable files, on every rank (a collective)
-            run.share_skips(train_ds)
+            run.share_skips(train_ds)  # every rank's unreadable files, on every rank (a collective)
             if rank == 0:
-                run.save_run(args.out, model, opt, step, args, train_ds,
-                             result=result)
+                run.save_run(args.out, model, opt, step, args, train_ds, result=result)
         if epoch_end and rank == 0:
             save_scores(model, fig_imgs, os.path.join(args.out, f"scores_epoch{epoch:03d}.png"),
                         args.mean, args.std)
@@ -361,13 +352,11 @@ def train(args, cache=None):
 
 @torch.no_grad()
 def knn(args, cache):
-    """--pool knn: every val image against every train image by knn_classify (k --knn-k,
-    T --knn-t), on the [cls] and the average features of block --block (centre crops, or the cached
-    tokens). Each rank pools its share of each split, gathered (fp16) into the whole bank on every
-    rank, and classifies its own rows of val -> {"knn_cls": (top-1, top-5), "knn_avg": ...} in %."""
+    """--pool knn: knn_classify (--knn-k, --knn-t) of every val image against every train image, on
+    block --block's [cls] and average features. Each rank pools its share of each split, gathered
+    (fp16) on every rank, and scores its rows of val -> {"knn_cls": (top-1, top-5), "knn_avg"}."""
     rank, world, device = run.setup(args.seed)
-    # a random init is the same on every rank (rank 0's, as in train())
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # a random init: the same on every rank (rank 0's, as train())
     model = Probe(vit.build_encoder(args.model, args.img_size, args.checkpoint, args.in_chans),
                   1, "avg", args.block, args.final_norm).to(device)
     P, feats = model.encoder.num_prefix, {}
@@ -386,7 +375,7 @@ def knn(args, cache):
         f, y = [], []
         for x, label in dl:
             x = normalized(x.to(device), args.mean, args.std)
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            with run.autocast(device):
                 # (B, P + N, D), or (B, P + 1, D) condensed
                 t = model.features(x) if x.ndim == 4 else x.float()
             pooled = torch.stack([t[:, :P].mean(1), t[:, P:].mean(1)], 1).half()  # (B, 2, D)
@@ -499,8 +488,7 @@ def parse_args(argv=None):
       "avg (patch mean) or abmilp (eq. 6; mae preset); knn = DINO's weighted kNN on [cls] and avg, "
       "no training; all = each, side by side")
     a("--knn-k", type=int, default=20, help="kNN neighbours (DINO: 20)")
-    a("--knn-t", type=float, default=0.07, help="kNN vote temperature, weight exp(cos / T) (DINO: "
-      "0.07)")
+    a("--knn-t", type=float, default=0.07, help="kNN vote temperature: weight exp(cos / T) (DINO)")
     a("--block", type=int, help="read the tokens after block K (1-indexed; default the last; "
       "SimMIM/KAMIM 8, SemanticMIM 7)")
     a("--final-norm", action=argparse.BooleanOptionalAction, default=False, help="apply the "
@@ -520,8 +508,7 @@ def parse_args(argv=None):
       "semanticmim)")
     a("--lr", type=float, help="lr at --ref-batch, scaled linearly to the real batch (mae: base lr "
       "0.1 per 256 -> 6.4 at 16384)")
-    a("--ref-batch", type=int, help="the batch --lr refers to (mae 256, kamim 2048, semanticmim "
-      "1024)")
+    a("--ref-batch", type=int, help="the batch of --lr (mae 256, kamim 2048, semanticmim 1024)")
     a("--batch-size", type=int, help="GLOBAL batch (mae 16384, kamim 2048, semanticmim 1024), "
       "reached by accumulation")
     a("--epochs", type=int, help="mae 90 (50 for vit_l / vit_h), kamim 100, semanticmim 100")
@@ -565,8 +552,7 @@ def parse_args(argv=None):
     run.defaults(args, preset)
     if args.mix and args.cache_features and mix_given:
         p.error("--mix needs image batches: it cannot run with --cache-features")
-    # cached tokens cannot be mixed: the preset gives way
-    args.mix = bool(args.mix) and not args.cache_features
+    args.mix = bool(args.mix) and not args.cache_features  # cached tokens: the preset gives way
     if args.model not in vit.CONFIGS:
         p.error(f"--model {args.model}: choose one of {', '.join(vit.CONFIGS)}")
     depth = vit.CONFIGS[args.model]["depth"]
@@ -583,8 +569,6 @@ def parse_args(argv=None):
                 if args.checkpoint and os.path.basename(args.checkpoint) == "checkpoint.pt" else
                 os.path.splitext(os.path.basename(args.checkpoint or "random_init"))[0])
         args.out = os.path.join("runs", "abmilp_probe", name)
-    if args.cache_gib is not None and args.cache_gib < 0:
-        p.error("--cache-gib must be >= 0 (0: always memory-mapped)")
     if args.lr <= 0 or args.knn_t <= 0 or not 0 <= args.warmup_epochs < args.epochs:
         p.error("--lr and --knn-t must be > 0 and --warmup-epochs in [0, --epochs)")
     return args
@@ -595,8 +579,7 @@ def main(argv=None):
     if args.attention_stats:
         return attention_statistics(args)
     pools = ["cls", "avg", "abmilp", "knn"] if args.pool == "all" else [args.pool]
-    # one cache for every pool: all tokens if AbMILP needs them
-    cache, results = {"condensed": "abmilp" not in pools}, {}
+    cache, results = {"condensed": "abmilp" not in pools}, {}  # all tokens if AbMILP needs them
     for pool in pools:
         out = os.path.join(args.out, pool) if len(pools) > 1 else args.out
         ns = argparse.Namespace(**{**vars(args), "pool": pool, "out": out})

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import run
 
 
 def cache_bytes(n, rows, D):
@@ -152,7 +153,7 @@ def add_flags(p):
                    "bf16; each rank its own images) and train on them: fast for sweeps (on in the "
                    "demo). Without an abmilp pool only [cls] and the patch mean are kept (ImageNet "
                    "at vit_b: 3.7 GiB, not 361)")
-    p.add_argument("--cache-gib", type=float,
+    p.add_argument("--cache-gib", type=run.number(float, strict=False),
                    help="most GiB of cache per split and process held in memory (the GPU's on "
                    "CUDA); a larger one is memory-mapped from a file under --out (default: 4/5 of "
                    "the free GPU memory, half the host's RAM)")

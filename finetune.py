@@ -1,5 +1,4 @@
-"""End-to-end fine-tuning of a pretrained (or random) ViT plus a linear head, under each paper's
-protocol.
+"""End-to-end fine-tuning of a pretrained (or random) ViT + linear head under each paper's protocol.
 
     torchrun --nproc_per_node=8 finetune.py --checkpoint runs/lut/checkpoint.pt --model vit_b \\
         --data /imagenet --protocol lut
@@ -10,12 +9,9 @@ protocol.
 
 Presets (--protocol) set what each paper states, and where it is silent or contradicts itself the
 released code:
-  lut               LUT Table D (MAE's code for what Table D leaves out: random erasing 0.25 with
-                    noise, avg pool + fc_norm)
-  mae               MAE FINETUNE.md (blr 5e-4, layer decay 0.65 for ViT-B, 100 epochs; 0.75 / 50 for
-                    L, H)
-  kamim             KAMIM §4.1 + §4.1.1 (resize 192, TrivialAugment, RandomErasing 0.5), the rest
-                    its released code
+  lut               LUT Table D; where silent, MAE's code (noise erasing 0.25, avg pool + fc_norm)
+  mae               MAE FINETUNE.md (B: blr 5e-4, layer decay 0.65, 100 epochs; L/H: 1e-3, 0.75, 50)
+  kamim             KAMIM §4.1, §4.1.1 (resize 192, TrivialAugment, erasing 0.5); else its code
   semanticmim       SemanticMIM's released maskfeat_cls_ft.py (MaskFeat + Ours: App. E Table 3 is
                     the probe's recipe)
   semanticmim_beit  SemanticMIM's released beit_cls_ft.py (BEiT + Ours)
@@ -36,8 +32,7 @@ import data
 import run
 import vit
 
-# Keys are argparse dests; --help cites each value's source. "blr" is the lr at ref_batch, scaled
-# linearly.
+# Keys: argparse dests, each value's source in --help; "blr": the lr at ref_batch, scaled linearly
 PROTOCOLS = {
     # Table D; reprob, noise erasing, pool: MAE's code
     "lut": dict(blr={"vit_s": 5e-4, "vit_b": 2.5e-4, "vit_l": 1e-3}, ref_batch=256,
@@ -57,8 +52,7 @@ PROTOCOLS = {
     # normalisation, MixUp or CutMix. Where it is silent, the released code: batch 2048, alpha 1, no
     # layer decay / drop path / smoothing; the mean of Hugging Face's last_hidden_state (after the
     # final norm: §4.1's "no layer normalization" is App. A's extra one); clip 1.0, decay on every
-    # parameter, timm's cosine from 2.5e-6 to a 2.5e-6 floor; v2.Resize((192, 192), antialias=False)
-    # on uint8.
+    # parameter, timm's cosine from 2.5e-6 to a 2.5e-6 floor, a uint8 resize without antialiasing.
     "kamim": dict(blr=5e-3, ref_batch=2048, batch_size=2048, weight_decay=0.05,
                   betas=(0.9, 0.999), layer_decay=1.0, warmup_epochs=10, epochs=100, trivial=True,
                   smoothing=0.0, mixup=1.0, cutmix=1.0, drop_path=0.0, img_size=192, reprob=0.5,
@@ -77,10 +71,13 @@ PROTOCOLS = {
                         drop_path=0.1, img_size=224, reprob=0.25, pool="cls", min_lr=1e-6,
                         head_std=2e-5),
 }
-# BEiT + Ours, beit_cls_ft.py: lr 4e-3 at 8 x 128, no colour jitter, head init 0.02; the rest as
-# MaskFeat's config
+# BEiT + Ours, beit_cls_ft.py: lr 4e-3 at 8 x 128, no colour jitter, head init 0.02; else MaskFeat's
 PROTOCOLS["semanticmim_beit"] = dict(PROTOCOLS["semanticmim"], blr=4e-3, ref_batch=1024,
                                      batch_size=1024, color_jitter=0.0, head_std=0.02)
+# the demo (no --data) overrides only these: no regulariser on 1.5k images (loss at ln 6 with them)
+DEMO = dict(img_size=64, batch_size=128, ref_batch=128, blr=2e-3, epochs=14, warmup_epochs=1,
+            layer_decay=1.0, randaug=False, mixup=0.0, cutmix=0.0, drop_path=0.0, reprob=0.0,
+            workers=1)
 PAPER = {"lut": ("LUT Table 1", {"vit_s": 82.0, "vit_b": 84.2, "vit_l": 86.0}),
          "mae": ("MAE FINETUNE.md", {"vit_b": 83.6, "vit_l": 85.9}),
          "kamim": ("KAMIM Table 1", {"vit_t": 70.41, "vit_s": 77.02, "vit_b": 77.30})}
@@ -105,12 +102,6 @@ def paper_top1(args, pretrain):
     return (f"SemanticMIM Table 1 ({row[0]}, FT {'CLS' if cls else 'Patch'}): "
             f"{row[1] if cls else row[2]}")
 
-# the demo (no --data) overrides only these: on 1.5k images no regulariser (the loss stayed at ln 6
-# with them)
-DEMO = dict(img_size=64, batch_size=128, ref_batch=128, blr=2e-3, epochs=14, warmup_epochs=1,
-            layer_decay=1.0, randaug=False, mixup=0.0, cutmix=0.0, drop_path=0.0, reprob=0.0,
-            workers=1)
-
 
 # ---- the model ----
 
@@ -120,19 +111,18 @@ class Classifier(nn.Module):
     Face's last_hidden_state; MAE's [cls]). pool "avg": the mean of the patch tokens; "cls": the
     prefix tokens (the mean over several proxies)."""
     def __init__(self, encoder, num_classes, pool="avg", fc_norm=True, final_norm=False,
-                 head_std=2e-5):
+                 head_std=2e-5, smoothing=0.0):
         super().__init__()
         self.encoder, self.pool, self.final_norm = encoder, pool, final_norm
+        self.smoothing = smoothing
         self.fc_norm = nn.LayerNorm(encoder.dim, eps=1e-6) if fc_norm else nn.Identity()
         # MAE's global pool deletes the final norm (fc_norm takes its place): a parameter that gets
         # no gradient stops DDP at the second step
         if not final_norm:
             encoder.norm = nn.Identity()
         self.head = nn.Linear(encoder.dim, num_classes)
-        # MAE, MaskFeat's config: a near-zero head; BEiT's 0.02
-        nn.init.trunc_normal_(self.head.weight, std=head_std)
-        # MaskFeat's config: 2e-5 for every class, which no softmax can tell from 0
-        nn.init.zeros_(self.head.bias)
+        nn.init.trunc_normal_(self.head.weight, std=head_std)  # MAE, MaskFeat: near 0; BEiT: 0.02
+        nn.init.zeros_(self.head.bias)  # MaskFeat's 2e-5 per class: the same to a softmax
 
     def logits(self, img):
         P = self.encoder.num_prefix
@@ -145,8 +135,6 @@ class Classifier(nn.Module):
         loss = F.cross_entropy(self.logits(img).float(), target, label_smoothing=self.smoothing)
         return loss, {"loss": loss.detach()}
 
-    smoothing = 0.0
-
 
 def build(args, num_classes):
     # strict load
@@ -158,18 +146,8 @@ def build(args, num_classes):
     # released config: num_cls_tokens=1 (the first proxy kept)
     if args.proxies == "drop" and model.num_prefix > 1:
         model.cls_token = nn.Parameter(model.cls_token.data[:, :1].clone())
-    clf = Classifier(model, num_classes, args.pool, args.fc_norm, args.final_norm, args.head_std)
-    clf.smoothing = args.smoothing
-    return clf
-
-
-def param_groups(model, args):
-    """vit.param_groups (layer decay; no weight decay on biases, norms, tokens, positions: MAE's
-    rule), or with --no-decay-exclusions weight decay on every parameter (KAMIM's code)."""
-    groups = vit.param_groups(model, args.weight_decay, layer_decay=args.layer_decay)
-    return (groups
-            if args.decay_exclusions else
-            [dict(g, weight_decay=args.weight_decay) for g in groups])
+    return Classifier(model, num_classes, args.pool, args.fc_norm, args.final_norm, args.head_std,
+                      args.smoothing)
 
 
 # ---- data ----
@@ -184,8 +162,7 @@ def _enhance(level):
 
 
 def solarize_add(img, add, threshold=128):
-    """timm's SolarizeAdd: pixels below threshold brightened by add, clipped at 255 (PIL image or
-    uint8 tensor)."""
+    """timm's SolarizeAdd: pixels below threshold plus add, clipped at 255 (PIL or uint8 tensor)."""
     if isinstance(img, torch.Tensor):
         return torch.where(img < threshold, (img.int() + add).clamp(max=255).to(img.dtype), img)
     return img.point([min(255, i + add) if i < threshold else i for i in range(256)]
@@ -274,8 +251,7 @@ def transforms(args):
 
 
 def mix_batch(num_classes, mixup, cutmix):
-    """MixUp (alpha mixup) or CutMix (alpha cutmix) per batch with equal probability -> soft labels
-    (B, K)."""
+    """MixUp (alpha mixup) or CutMix (alpha cutmix), 50/50 per batch -> soft labels (B, K)."""
     ops = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup else []) + \
           ([v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix else [])
     return v2.RandomChoice(ops) if ops else None
@@ -285,40 +261,42 @@ def mix_batch(num_classes, mixup, cutmix):
 
 def train(args):
     rank, world, device = run.setup(args.seed)
-    train_ds = data.dataset(args.data, "train", labelled=True)
-    # one class map: train's
-    val_ds = data.dataset(args.data, "val", labelled=True, classes=train_ds.classes)
-    K = len(train_ds.classes)
-    model = build(args, K).to(device)
     micro, accum = run.batch_split(args.batch_size, world, args.micro_batch)
     lr = args.blr * args.batch_size / args.ref_batch  # linear scaling rule
-    groups = param_groups(model, args)
-    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(args.betas), fused=device.type == "cuda")
     train_tf, val_tf = transforms(args)
-    ds = data.Seeded(train_ds, train_tf, args.seed)
+    ds = data.Seeded(data.dataset(args.data, "train", labelled=True), train_tf, args.seed)
+    classes = ds.base.classes  # one class map: train's
+    val_ds = data.Seeded(data.dataset(args.data, "val", labelled=True, classes=classes), val_tf)
+    model = build(args, len(classes)).to(device)
+    # layer decay; no weight decay on biases, norms, tokens, positions (MAE's rule)
+    groups = vit.param_groups(model, args.weight_decay, layer_decay=args.layer_decay)
+    if not args.decay_exclusions:  # KAMIM's code: weight decay on every parameter
+        groups = [dict(g, weight_decay=args.weight_decay) for g in groups]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(args.betas), fused=device.type == "cuda")
     dl = data.loader(ds, micro, train=True, workers=args.workers, seed=args.seed)
-    val_dl = data.loader(data.Seeded(val_ds, val_tf), micro, train=False, workers=args.workers)
+    val_dl = data.loader(val_ds, micro, train=False, workers=args.workers)
     data.set_epoch(val_dl, 0)
-    mix = mix_batch(K, args.mixup, args.cutmix)
+    mix = mix_batch(len(classes), args.mixup, args.cutmix)
     per_epoch = len(dl) // accum
     total, warmup = args.epochs * per_epoch, args.warmup_epochs * per_epoch
+    cooldown = args.cooldown_epochs * per_epoch  # at the floor, after the cosine
     # weights, optimiser, step, RNG
-    step = run.resume(args.out, model, opt, args=args, total=total, ds=train_ds)
+    step = run.resume(args.out, model, opt, args=args, total=total, ds=ds)
     best = run.load_checkpoint(args.out)["best"] if step else 0.0
     if rank == 0:
         run.banner(args, device, world, micro, accum,
                    f"{lr:.3g} (= {args.blr:g} x {args.batch_size}/{args.ref_batch})",
                    per_epoch, total, step)
     net = run.distribute(model, device, args.compile)
-    flops, autocast = 3 * vit.vit_forward_flops(model.encoder), run.autocast(device)
+    flops = 3 * vit.vit_forward_flops(model.encoder)  # forward + backward (logged TFLOP/s, MFU)
+    autocast = run.autocast(device)
     sums, n_log, done, result, t0 = {}, 0, 0, None, time.time()
     t_run = t0
     model.train()
     # prefetched
     for epoch, step, micro_batches in data.train_steps(dl, args.epochs, accum, step, device):
         schedule = run.timm_cosine if args.lr_curve == "timm" else run.cosine
-        lr_now = schedule(step, total - args.cooldown_epochs * per_epoch, warmup, lr,
-                          args.min_lr, args.warmup_lr)
+        lr_now = schedule(step, total - cooldown, warmup, lr, args.min_lr, args.warmup_lr)
         for g in opt.param_groups:
             g["lr"] = lr_now * g["lr_scale"]
         for i, (x, y) in enumerate(micro_batches):
@@ -344,7 +322,7 @@ def train(args):
             if rank == 0:
                 run.report(dict(epoch=epoch, step=step, **vals, lr=lr_now,
                                 **run.throughput(n_log * args.batch_size, dt, flops, device),
-                                eta=run.eta(total - step, dt / n_log), **run.skipped(train_ds)),
+                                eta=run.eta(total - step, dt / n_log), **run.skipped(ds)),
                            args.out)
             sums, n_log, t0 = {}, 0, time.time()
         if epoch_end or step == total:  # every epoch: the whole val set
@@ -357,10 +335,9 @@ def train(args):
         if step % args.save_every == 0 or epoch_end or stop:
             # never save a bad state
             run.check_finite(sum(sums.values()), step, args.out, model, opt)
-            # every process's unreadable files, on every rank (a collective)
-            run.share_skips(train_ds)
+            run.share_skips(ds)  # every process's unreadable files, on every rank (a collective)
             if rank == 0:
-                run.save_run(args.out, model, opt, step, args, train_ds, best=best)
+                run.save_run(args.out, model, opt, step, args, ds, best=best)
         if done == args.max_steps:
             break
     result = result or run.evaluate(model, val_dl, device, args.mean, args.std)

@@ -2,10 +2,9 @@
 top of MAE (He et al., CVPR 2022), its baseline. `--alpha 0` is plain MAE.
 
 MAE (eq. 1): mask 75 % of the patches, encode the visible ones only, decode with mask tokens,
-regress the masked patches' pixels. LUT (eq. 2-3) adds the broader-context loss L_BC: the mean of
-the online encoder's visible tokens, through a projector and a predictor, must match (cosine) the
-projected mean of all tokens of a momentum (EMA) copy that sees a second, unmasked, differently
-augmented view.
+regress the masked pixels. LUT (eq. 2-3) adds the broader-context loss L_BC: the mean of the online
+encoder's visible tokens, through a projector and a predictor, must match (cosine) the projected
+mean of all tokens of a momentum (EMA) copy on a second, unmasked, differently augmented view.
 
     torchrun --nproc_per_node=8 lut.py --model vit_b --data /imagenet   # the paper's ViT-B/16 run
     python lut.py                                                        # CPU demo, a few minutes
@@ -54,9 +53,8 @@ def unpatchify(x, p, grid, C=3):
 
 
 def mae_loss(pred, target, mask, norm_pix=True):
-    # eq. 1: squared error on the masked patches only (mask: 1 = removed, 0 = kept), (B, N, P) in.
-    # Mean over each patch's P values, then over masked patches (the released code's scale, not the
-    # sum).
+    # eq. 1: squared error on the masked patches only (mask: 1 = removed, 0 = kept), (B, N, P) in;
+    # mean over each patch's P values, then over masked patches (the released code's scale: no sum)
     # MAE's norm_pix_loss: each target patch to zero mean, unit (unbiased) variance (mae#12)
     if norm_pix:
         target = ((target - target.mean(-1, keepdim=True))
@@ -66,12 +64,10 @@ def mae_loss(pred, target, mask, norm_pix=True):
 
 
 def random_masking(B, N, ratio, device=None):
-    """MAE: per sample, mask floor(ratio * N) patches chosen by argsort of uniform noise.
-    Returns ids_keep (B, N_keep), ids_restore (B, N) and mask (B, N) with 1 = removed, 0 = kept,
-    in the original patch order."""
+    """MAE: per sample, mask floor(ratio * N) patches by argsort of uniform noise. Returns ids_keep
+    (B, N_keep), ids_restore (B, N) and mask (B, N) in patch order with 1 = removed, 0 = kept."""
     n_keep = N - int(ratio * N)
-    # ascending: the first n_keep are kept
-    ids_shuffle = torch.rand(B, N, device=device).argsort(dim=1)
+    ids_shuffle = torch.rand(B, N, device=device).argsort(dim=1)  # ascending: the first n_keep kept
     ids_restore = ids_shuffle.argsort(dim=1)
     mask = (ids_restore >= n_keep).to(torch.float32)
     return ids_shuffle[:, :n_keep], ids_restore, mask
@@ -81,29 +77,25 @@ def restore_order(kept, mask_token, ids_restore):
     """MAE's decoder input: kept tokens (B, N_keep, D) plus N - N_keep copies of the shared mask
     token, put back in the original patch order by ids_restore (B, N). Returns (B, N, D)."""
     B, N = ids_restore.shape
-    # (B, N, D), shuffled order
-    x = torch.cat([kept, mask_token.expand(B, N - kept.shape[1], -1)], dim=1)
+    x = torch.cat([kept, mask_token.expand(B, N - kept.shape[1], -1)], dim=1)  # (B, N, D) shuffled
     return torch.gather(x, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def broader_context_loss(u, v):
-    # eq. 3: L_BC = ||u_bar - v_bar||^2 with l2-normalised (B, D) vectors, = 2 - 2 cos; batch mean
-    # (Table 4d)
+    # eq. 3: ||u_bar - v_bar||^2 of l2-normalised (B, D) vectors (2 - 2 cos), batch mean (Table 4d)
     u, v = F.normalize(u.float(), dim=-1), F.normalize(v.float(), dim=-1)
     return (u - v).pow(2).sum(-1).mean()
 
 
 def mlp_head(dim, hidden=4096):
-    """§5.1 (released code): Linear(no bias) -> BatchNorm -> ReLU -> Linear(no bias), nothing after
-    it."""
+    """§5.1 (released code): Linear -> BN -> ReLU -> Linear, nothing after; Linears bias-free."""
     return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden),
                          nn.ReLU(inplace=True), nn.Linear(hidden, dim, bias=False))
 
 
 def ema_update(teacher, student, m):
     """Momentum encoder (§3): teacher <- m * teacher + (1 - m) * student, parameters and BatchNorm
-    running statistics alike; other buffers (fixed position embedding, BN's step counter) are
-    copied."""
+    running statistics alike; other buffers (fixed positions, BN's step counter) are copied."""
     # lerp: t + (1 - m)(s - t); one multi-tensor kernel, not ~2 launches per tensor on GPU
     with torch.no_grad():
         torch._foreach_lerp_(list(teacher.parameters()),
@@ -113,9 +105,8 @@ def ema_update(teacher, student, m):
 
 
 def ema_momentum(step, total, base=0.996, cosine=True):
-    """§5.1's momentum 0.996, as the released code schedules it per optimiser step (BYOL):
-    1 - (1 - tau)(1 + cos(pi t / T)) / 2, from tau to 1 over the run. cosine=False keeps tau
-    fixed."""
+    """§5.1's momentum tau = 0.996, scheduled per optimiser step as the released code does (BYOL):
+    1 - (1 - tau)(1 + cos(pi t / T)) / 2, from tau to 1 over the run; cosine=False keeps tau."""
     return 1 - (1 - base) * (1 + math.cos(math.pi * step / total)) / 2 if cosine else base
 
 
@@ -123,16 +114,14 @@ def ema_momentum(step, total, base=0.996, cosine=True):
 
 class LUT(nn.Module):
     """MAE (encoder on visible patches + 8-block decoder) with, for alpha > 0, LUT's projector,
-    predictor and EMA teacher. forward(img, context) -> (loss, {"mim", "bc"}). The ViT is
-    `self.encoder`."""
+    predictor and EMA teacher. forward(img, context) -> (loss, {"mim", "bc"}); the ViT: encoder."""
     def __init__(self, encoder, decoder_dim=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.75,
                  norm_pix=True, alpha=0.25, head_hidden=4096, two_view=False):
         super().__init__()
         self.encoder, self.mask_ratio, self.norm_pix, self.alpha, self.two_view = (
             encoder, mask_ratio, norm_pix, alpha, two_view)
         D, p, C = encoder.dim, encoder.patch_size, encoder.in_chans
-        # MAE decoder (parameter names as in MAE's models_mae.py): own width, shared mask token,
-        # fixed sin-cos position
+        # MAE decoder (models_mae.py's names): own width, shared mask token, fixed sin-cos position
         self.decoder_embed = nn.Linear(D, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.register_buffer("decoder_pos_embed",
@@ -141,8 +130,7 @@ class LUT(nn.Module):
                                             for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, p * p * C)
-        # §3, §5.1: online projector + predictor; the teacher copies encoder + projector (no
-        # predictor)
+        # §3, §5.1: online projector + predictor; the teacher copies encoder + projector only
         if alpha > 0:
             self.projector, self.predictor = mlp_head(D, head_hidden), mlp_head(D, head_hidden)
         for m in [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
@@ -156,8 +144,7 @@ class LUT(nn.Module):
     def train(self, mode=True):
         super().train(mode)
         if self.alpha > 0:
-            # the teacher is in eval mode for the whole run: its BN uses running statistics
-            self.teacher.eval()
+            self.teacher.eval()  # for the whole run: its BN uses running statistics
         return self
 
     def update_teacher(self, m):
@@ -174,8 +161,7 @@ class LUT(nn.Module):
         return enc.norm(enc.run_blocks(enc.prefix(x)))
 
     def forward_decoder(self, tokens, ids_restore):
-        """(B, P + N_keep, D) encoder tokens -> (B, N, p * p * C) predicted pixels for every
-        patch."""
+        """(B, P + N_keep, D) encoder tokens -> (B, N, p * p * C) predicted pixels, every patch."""
         P = self.encoder.num_prefix
         x = self.decoder_embed(tokens)  # (B, P + N_keep, Dd)
         patches = restore_order(x[:, P:], self.mask_token, ids_restore)
@@ -185,8 +171,7 @@ class LUT(nn.Module):
         return self.decoder_pred(self.decoder_norm(x))[:, P:]
 
     def reconstruct(self, img):
-        """MAE's forward: returns (pred (B, N, P), mask (B, N) with 1 = removed, tokens,
-        ids_shuffle)."""
+        """MAE's forward: (pred (B, N, P), mask (B, N) with 1 = removed, tokens, ids_shuffle)."""
         N = self.encoder.grid[0] * self.encoder.grid[1]
         ids_keep, ids_restore, mask = random_masking(img.shape[0], N, self.mask_ratio, img.device)
         tokens = self.forward_encoder(img, ids_keep)
@@ -205,22 +190,18 @@ class LUT(nn.Module):
             self.teacher.encoder(view)[:, self.encoder.num_prefix:].mean(1))
 
     def forward(self, img, context=None):
-        """img: the reconstruction view; context: the second view, the teacher's input (LUT
-        only)."""
+        """img: the reconstruction view; context: the other view, the teacher's input (LUT only)."""
         pred, mask, tokens, ids_shuffle = self.reconstruct(img)
         loss = mae_loss(pred, patchify(img, self.encoder.patch_size), mask, self.norm_pix)  # eq. 1
         if self.alpha == 0:
             return loss, dict(mim=loss.detach())
-        if not self.two_view:  # eq. 2-3: the masked view's visible tokens vs the full context view
-            bc = broader_context_loss(self.online(tokens), self.target(context))
-        else:
+        bc = broader_context_loss(self.online(tokens), self.target(context))  # eq. 2-3
+        if self.two_view:
             # released code: the context view is masked too, keeping the NEXT N_keep of view 1's
-            # random order (disjoint keep sets); each view's BN pass separate
+            # random order (disjoint keep sets); cross-view L_BC, averaged; separate BN passes
             n_keep = tokens.shape[1] - self.encoder.num_prefix
             tokens2 = self.forward_encoder(context, ids_shuffle[:, n_keep:2 * n_keep])
-            # cross-view, averaged
-            bc = (broader_context_loss(self.online(tokens), self.target(context))
-                  + broader_context_loss(self.online(tokens2), self.target(img))) / 2
+            bc = (bc + broader_context_loss(self.online(tokens2), self.target(img))) / 2
         return loss + self.alpha * bc, dict(mim=loss.detach(), bc=bc.detach())
 
 
@@ -249,31 +230,25 @@ def train_flops(model):
             + views * (vit.vit_forward_flops(enc) + head))
 
 
-# ---- data hook: SRC (Table 4f, from DeiT III) for LUT,
-# MAE's random resized crop for --alpha 0 ----
+# ---- data hook: LUT's SRC (Table 4f, from DeiT III), MAE's random resized crop (--alpha 0) ----
 
 def mae_crop(img_size=224):
-    """MAE pretraining: random resized crop scale (0.2, 1), bicubic, horizontal flip. Returns
-    PIL."""
+    """MAE pretraining: random resized crop scale (0.2, 1), bicubic, horizontal flip. PIL -> PIL."""
     return T.Compose([T.RandomResizedCrop(data.image_size(img_size), scale=(0.2, 1.0),
                                           interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip()])
 
 
 def src_resize(img, img_size=224):
-    """LUT's SRC (Table 4f, from DeiT III), part 1: shorter side to img_size (bicubic; the longer
-    side of a non-square size). Deterministic: done once per image, however many views src_crop then
-    takes. PIL -> PIL."""
+    """SRC, part 1, once for all views: shorter side to max(img_size), bicubic. PIL -> PIL."""
     return T.functional.resize(img, max(data.image_size(img_size)),
                                interpolation=T.InterpolationMode.BICUBIC)
 
 
 def src_crop(img, img_size=224, padding=4):
-    """SRC, part 2: random crop with `padding` px reflect padding, then horizontal flip. PIL
-    -> uint8 (C, H, W). The same random draws and pixels as RandomCrop(padding, reflect) +
-    RandomHorizontalFlip, without padding the whole image: the window is taken at an offset of
-    -padding .. +padding and only its out-of-image strip is reflected (a pad of the crop's own edge
-    reflects the image's edge rows: the crop is wider than `padding`)."""
+    """SRC, part 2: random crop, `padding` px reflect padding, then horizontal flip; PIL -> uint8
+    (C, H, W). RandomCrop(padding, reflect) + RandomHorizontalFlip's draws and pixels, padding only
+    the window's out-of-image strip (the crop, wider than `padding`, holds the rows it reflects)."""
     (th, tw), (w, h) = data.image_size(img_size), img.size
     # RandomCrop.get_params on the padded size
     i = int(torch.randint(0, h + 2 * padding - th + 1, (1,))) - padding
@@ -288,11 +263,9 @@ def src_crop(img, img_size=224, padding=4):
 
 
 def src_spec(jpeg, img_size, padding=4):
-    """src_resize + src_crop's draws on a Jpeg's size: the crop_spec row (the window may reach
-    `padding` px outside)."""
+    """src_resize + src_crop's draws on a Jpeg's size: a crop_spec row (window <= padding out)."""
     (w, h), (th, tw) = jpeg.size, data.image_size(img_size)
-    s = max(th, tw)
-    # torchvision's Resize(int): shorter side to s
+    s = max(th, tw)  # src_resize, torchvision's Resize(int): shorter side to s
     rh, rw = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
     i = int(torch.randint(0, rh + 2 * padding - th + 1, (1,))) - padding
     j = int(torch.randint(0, rw + 2 * padding - tw + 1, (1,))) - padding
@@ -300,11 +273,9 @@ def src_spec(jpeg, img_size, padding=4):
 
 
 class Views:
-    """PIL -> (reconstruction view,) or, for LUT, (reconstruction view, context view), each an
-    independent crop, uint8. LUT (Table 4f): simple resized crop (SRC), the image resized once and
-    cropped per view; the context view (always RGB) gets its colour jitter + three-augment on the
-    device (data.three_augment), and the step normalises both. MAE (--alpha 0) uses its own random
-    resized crop (0.2, 1) by default (Table 4f: SRC costs MAE 0.3 ft)."""
+    """PIL -> (reconstruction view,) or, for LUT, (reconstruction view, context view): independent
+    uint8 crops, SRC for LUT, MAE's RRC (0.2, 1) by default for --alpha 0 (Table 4f: SRC costs MAE
+    0.3 ft). The step jitters + three-augments the context view (RGB) and normalises both."""
     def __init__(self, img_size, crop="src", two=True, in_chans=3):
         self.size, self.src, self.two, self.gray = (
             data.image_size(img_size), crop == "src", two, in_chans == 1)
@@ -314,8 +285,7 @@ class Views:
         return src_crop(img, self.size) if self.src else T.functional.pil_to_tensor(self.rrc(img))
 
     def __call__(self, img):
-        # --decode device: the same draws; data.decode_views crops on the device
-        if isinstance(img, data.Jpeg):
+        if isinstance(img, data.Jpeg):  # --decode device: data.decode_views crops these draws
             img.views = [src_spec(img, self.size) if self.src
                          else data.rrc_spec(img, self.size, (0.2, 1.0))
                          for _ in range(1 + self.two)]
@@ -328,12 +298,10 @@ class Views:
 @torch.no_grad()
 def save_figure(model, img, path, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD, seed=0):
     """Rows: input, masked input, prediction, the visible patches with the prediction in the masked
-    ones. With norm-pix targets the prediction is un-normalised with the input patch's own
-    mean / std, for display only."""
+    ones. Norm-pix predictions are un-normalised with the input patch's mean / std, for display."""
     p, grid = model.encoder.patch_size, model.encoder.grid
-    # fixed masks; training RNG untouched
     with torch.random.fork_rng(devices=[img.device] if img.is_cuda else []):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # fixed masks; training RNG untouched
         pred, mask, _, _ = model.reconstruct(img)
     pred, target = pred.float(), patchify(img, p)
     if model.norm_pix:
@@ -347,8 +315,7 @@ def save_figure(model, img, path, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD
 # ---- training ----
 
 def scaled_lr(base, batch, rule="linear"):
-    """§5.1 follows MAE: base x batch / 256 (2.4e-3 at 4096). The released code: base x
-    sqrt(batch) / 4, the same at 4096 only (4x larger at 256)."""
+    """§5.1, as MAE: base x batch / 256 (2.4e-3 at 4096); released code: base x sqrt(batch) / 4."""
     return base * batch / REF_BATCH if rule == "linear" else base * batch ** 0.5 / 4
 
 
@@ -377,13 +344,10 @@ def train(args):
         run.banner(args, device, world, micro, accum,
                    f"{lr:.3g} (= {args.lr:g} x {rule}; the paper: 2.4e-3 at 4096)",
                    per_epoch, total, step)
-    # BN statistics per micro-batch: not one big batch
     if accum > 1 and args.alpha > 0 and rank == 0:
-        print(f"warning: {accum} accumulation steps: the heads' BatchNorm normalises each "
-              f"micro-batch of {micro} alone, so this is not one batch of --batch-size (raise "
-              "--micro-batch or use more GPUs)")
-    # §5.1: SyncBN in the heads (gloo has none: per-process BN)
-    sync = world > 1 and device.type == "cuda" and args.alpha > 0
+        print(f"warning: {accum} accumulation steps: the heads' BatchNorm normalises micro-batches "
+              f"of {micro}, not one batch of --batch-size (raise --micro-batch or use more GPUs)")
+    sync = world > 1 and device.type == "cuda" and args.alpha > 0  # §5.1's SyncBN (gloo has none)
     if sync:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if args.compile:
@@ -401,13 +365,11 @@ def train(args):
         for g in opt.param_groups:
             g["lr"] = lr_now * g["lr_scale"]
         for i, (views, y) in enumerate(micro_batches):  # uint8
-            # --decode device: decoded in the prefetch (an undecodable image: left out, counted)
-            if isinstance(views, data.Decoded):
+            if isinstance(views, data.Decoded):  # decoded in prefetch; undecodable dropped, counted
                 views, keep = views
                 y = y[keep]
                 views[0] = data.gray(views[0]) if args.in_chans == 1 else views[0]
-            # masks, context augmentation: a pure function of the step; LUT's context view:
-            # jitter + three-augment
+            # masks and the context view's jitter + three-augment: a pure function of the step
             torch.manual_seed(hash((args.seed, step, rank, i)))
             if len(views) == 2:
                 views[1] = data.three_augment(views[1])
@@ -416,8 +378,7 @@ def train(args):
             with run.no_sync(net, i < accum - 1), autocast:
                 loss, terms = net(*views)
                 (loss / accum).backward()
-            # the student on the whole reconstruction view (the teacher sees the context view)
-            if probe:
+            if probe:  # the student on the whole reconstruction view (the teacher sees the context)
                 probe.step(model.encoder, views[0], y.to(device))
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v / accum
@@ -467,53 +428,41 @@ def train(args):
 def parse_args(argv=None):
     p = run.parser(__doc__)
     a = p.add_argument
-    a("--data", default=None, help="ImageNet folder (PATH/train/...) or a folder of images; "
-      "absent = the built-in demo (DemoShapes) with vit_demo at 64 px (patch 8), a 128-wide "
-      "2-block decoder, batch 16, 8 epochs (1 warmup), 1 worker, demo lr 1.6e-2")
-    a("--model", default=None, choices=list(vit.CONFIGS), help="encoder; §5.1: vit_s / vit_b / "
-      "vit_l (default vit_b)")
-    a("--img-size", type=data.image_size, default=None, help="§5.1: 224; HxW (e.g. 224x320) for a "
-      "non-square input")
-    a("--batch-size", type=int, default=None, help="GLOBAL batch, §5.1: 4096")
-    a("--lr", type=float, default=None, help="base lr per 256 images, §5.1: 1.5e-4 (2.4e-3 at "
-      "batch 4096); demo 1.6e-2 (1e-3 at its batch 16, so the CPU demo visibly learns)")
-    a("--lr-scaling", default="linear", choices=["linear", "sqrt"], help="lr = base x batch/256 "
-      "(MAE, the paper's protocol); released code: sqrt, base x sqrt(batch) / 4: equal at 4096 "
-      "only, 4x larger at 256")
-    a("--epochs", type=int, default=None, help="§5.1: 1600 (ablations, Table 4: 400)")
-    a("--warmup-epochs", type=int, default=None, help="§5.1: 40, linear from 0, then half-cosine "
-      "to 0 per step")
-    a("--weight-decay", type=float, default=0.05, help="AdamW, §5.1: 0.05, none on biases and 1-D "
-      "parameters")
+    a("--data", help="ImageNet folder (PATH/train/...) or a folder of images; absent: the built-in "
+      "demo (DemoShapes), vit_demo at 64 px (patch 8), batch 16, 8 epochs (1 warmup)")
+    a("--model", choices=list(vit.CONFIGS), help="§5.1: vit_s / vit_b / vit_l (default vit_b)")
+    a("--img-size", type=data.image_size, help="§5.1: 224; HxW (e.g. 224x320) if non-square")
+    a("--batch-size", type=int, help="GLOBAL batch, §5.1: 4096")
+    a("--lr", type=float, help="base lr per 256 images, §5.1: 1.5e-4 (2.4e-3 at batch 4096); demo "
+      "1.6e-2 (1e-3 at its batch 16, so the CPU demo visibly learns)")
+    a("--lr-scaling", default="linear", choices=["linear", "sqrt"], help="linear: base x batch/256 "
+      "(MAE; §5.1); sqrt: base x sqrt(batch) / 4, the released code's (equal at 4096, 4x at 256)")
+    a("--epochs", type=int, help="§5.1: 1600 (ablations, Table 4: 400)")
+    a("--warmup-epochs", type=int, help="§5.1: 40, linear from 0, then half-cosine to 0 per step")
+    a("--weight-decay", type=float, default=0.05, help="§5.1: 0.05, none on biases and 1-D params")
     a("--betas", type=float, nargs=2, default=[0.9, 0.95], help="AdamW betas: released code and "
       "MAE pretraining 0.9 0.95 (default; §5.1 cites MAE's protocol, then lists MAE's fine-tuning "
       "0.9 0.999, LUT Table D: self-contradiction)")
     a("--layer-decay", type=float, default=1.0, help="layer-wise lr decay: 1.0 = none, as MAE and "
-      "the released code pretrain (default); §5.1 literally: 0.65, MAE's fine-tuning value "
-      "(Table D)")
-    a("--clip-grad", type=float, default=0.0, help="gradient-norm clip; 0 = none (MAE and the "
-      "released code)")
+      "the released code pretrain; §5.1 literally: 0.65, MAE's fine-tuning value (Table D)")
+    a("--clip-grad", type=float, default=0.0, help="grad-norm clip; 0 = none (MAE, released code)")
     a("--mask-ratio", type=float, default=0.75, help="r in §2.1, |M| = floor(rN); §5.1: 0.75")
     a("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True, help="eq. 1 target: "
       "each patch normalised (MAE's norm_pix_loss; the released models used it)")
-    a("--decoder-dim", type=int, default=None, help="MAE decoder width: 512 (demo 128)")
-    a("--decoder-depth", type=int, default=None, help="§5.1: 8 blocks (demo 2)")
-    a("--decoder-heads", type=int, default=None, help="MAE: 16 (demo 4)")
-    a("--alpha", type=float, default=None, help="eq. 3 weight of L_BC; §5.1, Table B: 0.25 for "
-      "ViT-B (the default), 1.0 for ViT-S (the default with --model vit_s); 0 = plain MAE (no "
-      "teacher, no heads)")
-    a("--ema-momentum", type=float, default=0.996, help="teacher momentum tau per optimiser step, "
-      "§5.1: 0.996")
+    a("--decoder-dim", type=int, help="MAE decoder width: 512 (demo 128)")
+    a("--decoder-depth", type=int, help="§5.1: 8 blocks (demo 2)")
+    a("--decoder-heads", type=int, help="MAE: 16 (demo 4)")
+    a("--alpha", type=float, help="eq. 3 weight of L_BC; §5.1, Table B: 0.25 for ViT-B (default), "
+      "1.0 for ViT-S (default with --model vit_s); 0 = plain MAE (no teacher, no heads)")
+    a("--ema-momentum", type=float, default=0.996, help="the teacher's momentum tau, §5.1: 0.996")
     a("--ema-schedule", default="cosine", choices=["const", "cosine"], help="cosine: from tau to 1 "
-      "over the run per optimiser step (the released code; §5.1 gives only tau); const: tau at "
-      "every step")
-    a("--head-hidden", type=int, default=4096, help="projector / predictor hidden width, §5.1: "
-      "4096")
+      "over the run, per optimiser step (released code; §5.1 gives only tau); const: tau always")
+    a("--head-hidden", type=int, default=4096, help="hidden width of both heads, §5.1: 4096")
     a("--two-view", action="store_true", help="released code: the context view is masked too (the "
       "next 25%% of view 1's random order, disjoint), both views through the student, cross-view "
       "L_BC averaged: 2.65x MAE's training FLOPs at ViT-B against 1.6x for the paper's LUT")
-    a("--crop", default=None, choices=["src", "rrc"], help="Table 4f: src (simple resized crop) "
-      "for LUT; default for --alpha 0 is MAE's rrc (0.2, 1)")
+    a("--crop", choices=["src", "rrc"], help="Table 4f: src (simple resized crop) for LUT; default "
+      "for --alpha 0 is MAE's rrc (0.2, 1)")
     a("--decode", default="worker", choices=["worker", "device"], help="JPEG decode: in the loader "
       "workers (PIL), or batched on the training device (torchvision.io.decode_jpeg: nvJPEG on a "
       "GPU), the workers only reading files and drawing crops")

@@ -53,6 +53,19 @@ def test_lut_two_view_keep_sets_disjoint_quarters(monkeypatch, one_thread):
         assert set(a) == set(torch.nonzero(mk == 0).flatten().tolist())  # view 1 keeps exactly the unmasked patches
 
 
+def test_lut_two_view_bc_is_the_mean_of_both_cross_view_losses(monkeypatch, one_thread):
+    """--two-view (released code): L_BC = (L(view 1 vs teacher(context)) + L(view 2 vs teacher(img))) / 2, not the sum."""
+    torch.manual_seed(0)
+    m = lut.LUT(vit.vit("vit_demo", img_size=32), decoder_dim=32, decoder_depth=1, decoder_heads=2, head_hidden=64,
+                two_view=True)
+    seen, bc = [], lut.broader_context_loss
+    monkeypatch.setattr(lut, "broader_context_loss", lambda u, v: seen.append(bc(u, v)) or seen[-1])
+    loss, terms = m(torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32))
+    assert len(seen) == 2 and not torch.allclose(seen[0], seen[1])
+    assert torch.allclose(terms["bc"], (seen[0] + seen[1]) / 2)
+    assert torch.allclose(loss, terms["mim"] + m.alpha * terms["bc"])
+
+
 def semanticmim_setup():
     import semanticmim as S
     torch.manual_seed(0)

@@ -135,6 +135,10 @@ def test_schedule_and_batch_split():
     assert run.batch_split(2048, 8, 256) == (256, 1)
     assert run.batch_split(2048, 1, 256) == (256, 8)
     assert run.batch_split(96, 1, 40) == (32, 3)
+    assert run.batch_split(98, 1, 30) == (14, 7)  # ceil(98 / 30) = 4 does not divide 98: the next that does
+    for g, w, m in [(98, 1, 30), (4096, 8, 96), (1000, 8, 48), (510, 2, 100), (7, 1, 2)]:  # the global batch exactly
+        micro, accum = run.batch_split(g, w, m)
+        assert micro * accum * w == g and micro <= m, (g, w, m)
     with pytest.raises(ValueError, match="not divisible"):
         run.batch_split(10, 4, 8)
 

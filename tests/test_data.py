@@ -95,6 +95,8 @@ def test_seeded_samples_are_independent_of_workers_and_resume():
     assert len(resumed) == len(full) - 2 and all(torch.equal(a, b) for a, b in zip(full[2:], resumed))
     data.set_epoch(dl, 4)
     assert not torch.equal(next(iter(dl))[0], full[0])  # another epoch, other crops
+    a, b = ds[(3, 5)][0], ds[(4, 5)][0]
+    assert torch.equal(a, ds[(3, 5)][0]) and not torch.equal(a, b)  # the same image's crop follows the epoch too
     g = torch.get_rng_state()
     ds[0]
     assert torch.equal(g, torch.get_rng_state())  # the caller's RNG is untouched

@@ -1,4 +1,6 @@
 """finetune.py: layer-decay scales, drop-path rule, presets vs each paper's table, mix labels, eval counting, a step."""
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -146,6 +148,19 @@ def test_bit_exact_resume(one_thread, tmp_path):
         finetune.train(finetune.parse_args(base + ["--out", str(tmp_path / "b"), "--max-steps", "1"]))
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_best_top1_is_the_best_epoch_across_a_resume(one_thread, tmp_path, monkeypatch):
+    # best_top1: the max of every epoch's val top-1, kept over a resume (the checkpoint's "best")
+    tops, dataset = iter([50.0, 30.0, 40.0]), data.dataset
+    monkeypatch.setattr(data, "dataset", lambda d, split, **kw: dataset(d, split, **kw) if split == "val" else data.DemoShapes(split, 16))
+    monkeypatch.setattr(run, "evaluate", lambda *a, **kw: (next(tops), 90.0, 384))
+    base = ["--out", str(tmp_path), "--workers", "0", "--batch-size", "16", "--epochs", "3", "--warmup-epochs", "0"]
+    finetune.train(finetune.parse_args(base + ["--max-steps", "2"]))  # 16 images: one step an epoch
+    finetune.train(finetune.parse_args(base))  # resumed for the third epoch
+    rows = [r for r in map(json.loads, open(tmp_path / "log.jsonl")) if "best_top1" in r]
+    assert [r["top1"] for r in rows] == [50, 30, 40] and [r["best_top1"] for r in rows] == [50, 50, 50]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["best"] == 50
 
 
 def test_loop_applies_each_groups_lr_scale(one_thread, tmp_path):

@@ -256,3 +256,15 @@ def test_lut_semanticmim_demo_lr_only_without_data():
     d, p = semanticmim.parse_args([]), semanticmim.parse_args(["--data", "/nonexistent"])
     assert d.lr * d.batch_size / semanticmim.REF_BATCH == pytest.approx(1e-3) and p.lr == 1.6e-3
     assert semanticmim.parse_args(["--lr", "1e-4"]).lr == 1e-4 and lut.parse_args(["--lr", "1e-4"]).lr == 1e-4
+
+
+def test_probe_and_semanticmim_crops():
+    # MAE's linear probe (main_linprobe.py): RandomResizedCrop(224, interpolation=3) at torchvision's scale (0.08, 1),
+    # + flip; SemanticMIM's pretraining crop: scale (0.5, 1) (App. E, --crop-min)
+    from torchvision import transforms as T
+    rrc = lambda tf: next(t for t in tf.transforms if isinstance(t, T.RandomResizedCrop))
+    probe = rrc(abmilp_probe.transforms(224, "mae")[0].transforms[0])
+    assert probe.scale == (0.08, 1.0) and probe.ratio == pytest.approx((3 / 4, 4 / 3)) and tuple(probe.size) == (224, 224)
+    assert probe.interpolation == T.InterpolationMode.BICUBIC
+    assert any(isinstance(t, T.RandomHorizontalFlip) for t in abmilp_probe.transforms(224, "mae")[0].transforms[0].transforms)
+    assert semanticmim.parse_args(["--data", "/x"]).crop_min == 0.5

@@ -190,3 +190,18 @@ def test_torchrun_two_ranks_see_disjoint_data(tmp_path):
     assert r0["batches"] == 5
     assert r0["draw"] == r0["expected"] and r1["draw"] != r0["draw"]  # rank 0 resumes exactly; rank 1 its own stream
     assert r0["stopped"] and r1["stopped"]  # a nan on rank 1 alone stops both (it is in both ranks' weights)
+
+
+def test_resumed_ranks_draw_distinct_streams(monkeypatch):
+    # set_rng_state: rank 0 restores its saved stream; every other rank seeds from (step, rank), so no two share one
+    state, draws = run.rng_state(), {}
+    monkeypatch.setattr(run.dist, "is_initialized", lambda: True)
+    for rank in range(4):
+        monkeypatch.setattr(run.dist, "get_rank", lambda r=rank: r)
+        for step in (5, 6):
+            run.set_rng_state(state, step)
+            draws[rank, step] = torch.rand(3)
+    assert torch.equal(draws[0, 5], draws[0, 6])  # rank 0: its saved stream, whatever the step
+    rest = [v for k, v in draws.items() if k[0]] + [draws[0, 5]]
+    assert all(not torch.equal(a, b) for i, a in enumerate(rest) for b in rest[i + 1:])
+    torch.set_rng_state(state["cpu"])

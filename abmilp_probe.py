@@ -417,7 +417,7 @@ def attention_statistics(args):
     sums, n = torch.zeros(len(enc.blocks), 4, device=device), torch.zeros((), device=device)
     for img, y in dl:
         real = y.to(device) >= 0  # -1: an unreadable file's placeholder
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with run.autocast(device):
             x = enc.prefix(enc.embed(normalized(img.to(device), args.mean, args.std))
                            + enc.pos_embed)
             # one block at a time: all maps at once would not fit at ViT-B
@@ -482,8 +482,8 @@ def parse_args(argv=None):
     a("--protocol", default="mae", choices=PROTOCOLS, help="preset of the flags below: mae (Beyond "
       "[cls] §5, MAE's probe; default), kamim (KAMIM App. A: block 8, avg, no norm, AdamW 5e-3, "
       "TrivialAugment + RandomErasing, MixUp / CutMix; code: clip 1.0, timm's cosine), semanticmim "
-      "(§4.1: block 7, AdamW 4e-3, LayerNorm head: code), semanticmim_code (released configs: mean "
-      "of the final patch tokens, frozen fresh LayerNorm)")
+      "(§4.1: block 7, AdamW 4e-3, LayerNorm head: code), semanticmim_code (released configs: "
+      "mean of the final patch tokens, frozen fresh LayerNorm)")
     a("--pool", choices=["cls", "avg", "abmilp", "knn", "all"], help="cls ([cls] / proxy tokens), "
       "avg (patch mean) or abmilp (eq. 6; mae preset); knn = DINO's weighted kNN on [cls] and avg, "
       "no training; all = each, side by side")
@@ -532,8 +532,8 @@ def parse_args(argv=None):
     a("--mix", action=argparse.BooleanOptionalAction, help="MixUp or CutMix per batch, alpha 1 "
       "(kamim preset; no cache)")
     probe_cache.add_flags(p)
-    a("--attention-stats", action="store_true", help="§4: write the per-block attention statistics "
-      "over val, no probe")
+    a("--attention-stats", action="store_true", help="§4: write the per-block attention "
+      "statistics over val, no probe")
     run.shared_flags(p, out=None, micro_batch=1024, workers=min(8, os.cpu_count() or 1),
                      out_help="default runs/abmilp_probe/NAME, NAME the checkpoint's folder "
                      "(runs/kamim/checkpoint.pt -> kamim) or random_init; --pool all: one "

@@ -361,7 +361,7 @@ def parse_args(argv=None):
       "192x256) for a non-square one")
     a("--batch-size", type=int, default=None, help="GLOBAL batch; released code: 2048 (the paper "
       "gives none)")
-    a("--lr", type=float, default=None, help="peak lr at batch 2048 (§4.1: 8e-4; demo 3.2e-2, i.e. "
+    a("--lr", type=float, help="peak lr at batch 2048 (§4.1: 8e-4; demo 3.2e-2, i.e. "
       "2e-3 at its batch 128, so that 72 CPU steps visibly learn), scaled linearly to --batch-size")
     a("--warmup-lr", type=float, default=1e-6, help="lr the warmup starts from at batch 2048 "
       "(released code), scaled like --lr")
@@ -396,7 +396,7 @@ def parse_args(argv=None):
     a("--clip-logits", action="store_true", help="released code: clamp Omega/T to [-20, 20] before "
       "exp (eq. 2)")
     a("--mask-patch", type=int, default=None, help="mask cell size, §4.1: 32 (demo 16)")
-    a("--mask-ratio", type=float, default=0.6, help="§4.1: 0.6 of the cells, rounded up (22 of 36)")
+    a("--mask-ratio", type=float, default=0.6, help="§4.1: 0.6 of the cells, rounded up (22 / 36)")
     online_probe.add_flag(p)
     run.shared_flags(p, out="runs/kamim")
     args = p.parse_args(argv)

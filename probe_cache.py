@@ -63,7 +63,7 @@ def cache_features(model, dl, tokens, labels, device, mean, std, condensed=False
         b = min(len(y), len(tokens) - k)
         if b <= 0:
             break
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with run.autocast(device):
             x = data.normalize_batch(x[:b].to(device), mean, std)
             t = model.features(x).float()  # (b, P + N, D)
         t = (torch.cat([t[:, :P], t[:, P:].mean(1, keepdim=True)], 1)  # (b, P + 1, D)

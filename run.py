@@ -394,7 +394,7 @@ def evaluate(model, dl, device, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD, 
         x = data.normalize_batch(x, mean, std) if x.dtype == torch.uint8 else x
         real = ((torch.arange(k, k + len(y), device=device) * world + rank) < n) & (y >= 0)
         k += len(y)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             out = model.logits(x)
         top = out.topk(min(5, out.shape[1]), dim=1).indices  # (B, 5)
         c += torch.stack([((top[:, 0] == y) & real).sum(),

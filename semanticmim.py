@@ -410,7 +410,7 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--data", default=None, help="ImageNet folder (PATH/train/...) or a folder of images; "
       "absent: the built-in demo")
-    a("--model", default=None, choices=list(vit.CONFIGS), help="ViT size; the paper: vit_b (§4.1). "
+    a("--model", choices=list(vit.CONFIGS), help="ViT size; the paper: vit_b (§4.1). "
       "Default vit_b, vit_demo for the demo")
     a("--img-size", type=data.image_size, default=None, help="input size; the paper: 224 (§4.1). "
       "Default 224, 64 for the demo; HxW (e.g. 224x320) for a non-square input")
